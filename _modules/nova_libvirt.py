@@ -1,0 +1,887 @@
+"""
+Execution module of the ``nova_libvirt`` formula: settings, KVM probe, domains
+and the SASL database of the libvirt that Nova uses.
+
+:depends: libvirt-python, only for :py:func:`list_domains` and
+          :py:func:`running_domains` (imported when they are called, so the
+          rest of the formula works without it); ``db_dump`` and
+          ``saslpasswd2`` (Debian: ``db5.3-util``, ``sasl2-bin``) for the SASL
+          functions.
+
+Everything the formula renders comes from :py:func:`settings`: the pillar
+under ``nova_libvirt:`` merged once over ``nova_libvirt/defaults.yaml``,
+validated (an unknown key or a bad value is an error that names it), with the
+derived values (port, SASL mechanisms, listen address, connection URI, virt
+type from a real probe of ``/dev/kvm``) filled in and every file's lines
+prepared, so templates only print.
+
+CLI Examples:
+
+.. code-block:: bash
+
+    salt-call nova_libvirt.settings
+    salt-call nova_libvirt.probe_kvm
+    salt-call nova_libvirt.virt_type
+    salt '*' nova_libvirt.running_domains
+    salt-call nova_libvirt.list_domains uri=qemu+tcp://192.0.2.10/system
+"""
+
+import copy
+import errno
+import fcntl
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import platform
+import pwd
+import re
+import subprocess
+import tempfile
+
+import salt.utils.files
+import salt.utils.yaml
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "nova_libvirt"
+
+DEFAULTS_URL = "salt://nova_libvirt/defaults.yaml"
+PILLAR_ROOT = "nova_libvirt"
+HIDDEN = "<hidden>"
+
+# Kolla's fixed paths inside the nova_libvirt container (nova-libvirt.json.j2).
+CONTAINER_CONFIG_DIR = "/var/lib/kolla/config_files"
+PKI_FILES = {
+    "serverkey.pem": "/etc/pki/libvirt/private/serverkey.pem",
+    "servercert.pem": "/etc/pki/libvirt/servercert.pem",
+    "clientkey.pem": "/etc/pki/libvirt/private/clientkey.pem",
+    "clientcert.pem": "/etc/pki/libvirt/clientcert.pem",
+    "cacert.pem": "/etc/pki/CA/cacert.pem",
+}
+TCP_PORT, TLS_PORT = 16509, 16514
+
+# <linux/kvm.h>: _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01); the API version is 12
+# on every kernel since 2.6.22.
+KVM_GET_API_VERSION, KVM_CREATE_VM, KVM_API_VERSION = 0xAE00, 0xAE01, 12
+
+SASL_MECHS = ("DIGEST-MD5", "SCRAM-SHA-256", "SCRAM-SHA-1", "GSSAPI", "PLAIN", "EXTERNAL")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def __virtual__():
+    # No hard dependency: libvirt-python is imported by the functions that
+    # need it, so settings and the probe work on a bare minion.
+    return __virtualname__
+
+
+# --------------------------------------------------------------------------
+# Settings: merge, validate, derive
+# --------------------------------------------------------------------------
+
+
+def _expect(check, expected):
+    def rule(value):
+        return None if check(value) else expected
+
+    return rule
+
+
+def _optional(rule):
+    return lambda value: None if value is None else rule(value)
+
+
+def _one_of(*choices):
+    return _expect(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
+def _is_positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_ip(v):
+    try:
+        ipaddress.ip_address(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+BOOL = _expect(_is_bool, "true or false")
+POSITIVE_INT = _expect(_is_positive_int, "a whole number above 0")
+ABS_PATH = _expect(lambda v: isinstance(v, str) and os.path.isabs(v) and "\n" not in v, "an absolute path")
+NAME = _expect(lambda v: isinstance(v, str) and SAFE_NAME.match(v), "a name of letters, digits and . _ @ -")
+SECRET = _expect(
+    lambda v: isinstance(v, str) and v and "\n" not in v and v == v.strip(),
+    "a non-empty string without newlines or leading/trailing blanks",
+)
+SOURCE = _expect(
+    lambda v: isinstance(v, str) and (v.startswith("salt://") or os.path.isabs(v)),
+    "a salt:// URL or an absolute path",
+)
+EXTRA = _expect(
+    lambda v: isinstance(v, dict)
+    and all(isinstance(k, str) and SAFE_NAME.match(k) and isinstance(x, (str, int, bool, list)) for k, x in v.items()),
+    "a mapping of option names to strings, numbers, booleans or lists",
+)
+
+# Every key of defaults.yaml has a rule here; a key missing from this table
+# is a programming error caught by the unit tests.
+RULES = {
+    "virt_type": _one_of("kvm", "qemu", "auto"),
+    "config_dir": ABS_PATH,
+    "migration_interface": _optional(NAME),
+    "listen_address": _optional(_expect(_is_ip, "an IPv4 or IPv6 address")),
+    "migration_hostname": _optional(_expect(lambda v: isinstance(v, str) and HOSTNAME.match(v), "a DNS host name")),
+    "port": _optional(_expect(lambda v: _is_positive_int(v) and v < 65536, "a TCP port (1-65535)")),
+    "cpu_mode": _optional(_one_of("none", "host-model", "host-passthrough", "custom")),
+    "container:enabled": BOOL,
+    "host:manage_daemon": BOOL,
+    "host:libvirtd_conf": ABS_PATH,
+    "host:sasl_conf": ABS_PATH,
+    "host:service": _optional(NAME),
+    "sasl:enabled": BOOL,
+    "sasl:authname": NAME,
+    "sasl:password": _optional(SECRET),
+    "sasl:mech_list": _optional(
+        _expect(
+            lambda v: isinstance(v, list) and v and all(m in SASL_MECHS for m in v),
+            "a non-empty list of " + ", ".join(SASL_MECHS),
+        )
+    ),
+    "sasl:sasldb_path": ABS_PATH,
+    "tls:enabled": BOOL,
+    "tls:manage_certs": BOOL,
+    "tls:source": SOURCE,
+    "tls:warn_days": _expect(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "libvirtd:debug": BOOL,
+    "libvirtd:log_dir": ABS_PATH,
+    "libvirtd:max_workers": POSITIVE_INT,
+    "libvirtd:max_client_requests": POSITIVE_INT,
+    "libvirtd:extra": EXTRA,
+    "qemu:user": NAME,
+    "qemu:group": NAME,
+    "qemu:max_files": POSITIVE_INT,
+    "qemu:max_processes": POSITIVE_INT,
+    "qemu:extra": EXTRA,
+    "nova_compute:user": NAME,
+    "cleanup:running_vms_fatal": BOOL,
+    "cleanup:remove_volumes": BOOL,
+}
+SECRET_KEYS = {"sasl:password"}
+
+
+def _merge(defaults, overrides, path, errors):
+    """Deep-merge ``overrides`` over ``defaults``; collect unknown keys."""
+    merged = copy.deepcopy(defaults)
+    for key, value in overrides.items():
+        where = f"{path}:{key}" if path else str(key)
+        if key not in defaults:
+            errors.append(
+                f"{PILLAR_ROOT}:{where}: unknown key; expected one of: {', '.join(sorted(map(str, defaults)))}"
+            )
+        elif isinstance(defaults[key], dict) and defaults[key] and isinstance(value, dict):
+            merged[key] = _merge(defaults[key], value, where, errors)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _flatten(tree, path=""):
+    for key, value in tree.items():
+        where = f"{path}:{key}" if path else key
+        if where not in RULES and isinstance(value, dict):
+            yield from _flatten(value, where)
+        else:
+            yield where, value
+
+
+def _get(tree, path):
+    for part in path.split(":"):
+        tree = tree[part]
+    return tree
+
+
+def _merge_and_validate(defaults, pillar):
+    """
+    Merge ``pillar`` over ``defaults`` and check every key against its rule.
+
+    Returns ``(merged, errors)``; each error names the pillar key, the value
+    (never a secret's) and what is expected. Pure: no Salt dunders, so it is
+    unit-tested directly.
+    """
+    errors = []
+    if not isinstance(pillar, dict):
+        return copy.deepcopy(defaults), [f"{PILLAR_ROOT}: expected a mapping, got {type(pillar).__name__}"]
+    merged = _merge(defaults, pillar, "", errors)
+    for key, value in _flatten(merged):
+        rule = RULES.get(key)
+        if rule is None:
+            raise KeyError(f"no validation rule for {key}")  # a defaults.yaml key without a rule
+        problem = rule(value)
+        if problem:
+            shown = "(hidden)" if key in SECRET_KEYS else json.dumps(value, default=str)
+            errors.append(f"{PILLAR_ROOT}:{key}: {shown} is not valid; expected {problem}")
+    return merged, errors
+
+
+def _url_host(address):
+    return f"[{address}]" if ":" in address else address
+
+
+def _conf_value(value):
+    """libvirtd.conf/qemu.conf value syntax: numbers bare, strings quoted."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
+
+
+def _conf_lines(options):
+    """``key = value`` lines of libvirtd.conf or qemu.conf from ``[(key, value)]``."""
+    return [f"{key} = {_conf_value(value)}" for key, value in options]
+
+
+def auth_conf_text(authname, password):
+    """libvirt client credentials (auth.conf), as Kolla's auth.conf.j2 renders them."""
+    return (
+        "[credentials-default]\n"
+        f"authname={authname}\n"
+        f"password={password}\n"
+        "\n"
+        "[auth-libvirt-default]\n"
+        "credentials=default\n"
+    )
+
+
+def _derive(merged, facts):
+    """
+    Fill in derived values and prepare what every file needs.
+
+    ``facts`` holds what the host tells: ``nodename``, ``osarch``,
+    ``interfaces`` ({name: [addresses]}), ``default_interface`` and ``kvm``
+    (the result of :py:func:`probe_kvm`). Returns ``(settings, errors)``.
+    """
+    cfg = copy.deepcopy(merged)
+    errors = []
+    tls, sasl = cfg["tls"]["enabled"], cfg["sasl"]
+
+    if cfg["port"] is None:
+        cfg["port"] = TLS_PORT if tls else TCP_PORT
+    if sasl["mech_list"] is None:
+        sasl["mech_list"] = ["SCRAM-SHA-256" if tls else "DIGEST-MD5"]
+    if sasl["enabled"] and sasl["password"] is None:
+        errors.append(
+            f"{PILLAR_ROOT}:sasl:password: missing; SASL is enabled, so nova-compute needs a password "
+            "(set it, for example 40 random characters as kolla-genpwd makes, or set sasl:enabled: false)"
+        )
+    if cfg["migration_hostname"] is None:
+        cfg["migration_hostname"] = facts["nodename"]
+    if cfg["cpu_mode"] is None and facts.get("osarch") in ("aarch64", "arm64"):
+        cfg["cpu_mode"] = "host-passthrough"
+
+    if cfg["listen_address"] is None:
+        iface = cfg["migration_interface"] or facts.get("default_interface")
+        addresses = facts.get("interfaces", {}).get(iface or "", [])
+        if not iface:
+            errors.append(
+                f"{PILLAR_ROOT}:listen_address: cannot be derived: no migration_interface is set and the host "
+                "has no IPv4 default route; set listen_address or migration_interface"
+            )
+        elif not addresses:
+            errors.append(
+                f"{PILLAR_ROOT}:migration_interface: {json.dumps(iface)} has no IP address on this host; "
+                f"expected one of: {', '.join(sorted(i for i, a in facts.get('interfaces', {}).items() if a)) or 'none'}"
+            )
+        else:
+            cfg["listen_address"] = addresses[0]
+
+    kvm = facts["kvm"]
+    wanted = cfg["virt_type"]
+    if wanted == "auto":
+        cfg["virt_type"] = "kvm" if kvm["usable"] else "qemu"
+        cfg["virt_type_reason"] = (
+            "auto: KVM is usable" if kvm["usable"] else f"auto: falling back to qemu (TCG): {kvm['reason']}"
+        )
+    elif wanted == "kvm" and not kvm["usable"]:
+        errors.append(
+            f"{PILLAR_ROOT}:virt_type: \"kvm\" but KVM is not usable on this host: {kvm['reason']}. "
+            "Fix the host, or set virt_type: qemu (software emulation) or auto"
+        )
+        cfg["virt_type_reason"] = kvm["reason"]
+    else:
+        cfg["virt_type_reason"] = f"{wanted}: set in pillar"
+
+    if errors:
+        return cfg, errors
+
+    if tls:
+        host_part = cfg["migration_hostname"]
+        scheme, default_port = "qemu+tls", TLS_PORT
+    else:
+        host_part = _url_host(cfg["listen_address"])
+        scheme, default_port = "qemu+tcp", TCP_PORT
+    port_part = "" if cfg["port"] == default_port else f":{cfg['port']}"
+    cfg["connection_uri"] = f"{scheme}://{host_part}{port_part}/system"
+    inbound = cfg["migration_hostname"] if tls else cfg["listen_address"]
+
+    libvirt_dir = os.path.join(cfg["config_dir"], "nova-libvirt")
+    compute_dir = os.path.join(cfg["config_dir"], "nova-compute")
+    cfg["paths"] = {
+        "libvirt_dir": libvirt_dir,
+        "compute_dir": compute_dir,
+        "compute_auth_conf": os.path.join(compute_dir, "auth.conf"),
+        "compute_nova_conf": os.path.join(compute_dir, "nova.conf.d", "libvirt.conf"),
+        # libvirt's ?pkipath= wants cacert.pem, clientcert.pem and clientkey.pem
+        # in one directory: nova-compute's config dir is exactly that.
+        "client_pki_dir": compute_dir,
+    }
+    try:
+        cfg["nova_compute"]["owner"] = pwd.getpwnam(cfg["nova_compute"]["user"]).pw_name
+    except KeyError:
+        cfg["nova_compute"]["owner"] = "root"
+
+    auth = "sasl" if sasl["enabled"] else "none"
+    level = 1 if cfg["libvirtd"]["debug"] else 3
+    if tls:
+        listeners = [
+            ("listen_tls", 1),
+            ("listen_tcp", 0),
+            ("tls_port", str(cfg["port"])),
+            ("key_file", PKI_FILES["serverkey.pem"]),
+            ("cert_file", PKI_FILES["servercert.pem"]),
+            ("ca_file", PKI_FILES["cacert.pem"]),
+            ("auth_tls", auth),
+        ]
+    else:
+        listeners = [
+            ("listen_tcp", 1),
+            ("listen_tls", 0),
+            ("auth_tcp", auth),
+            ("tcp_port", str(cfg["port"])),
+            ("ca_file", ""),
+        ]
+    libvirtd = listeners + [
+        ("log_level", level),
+        ("log_outputs", f"{level}:file:{cfg['libvirtd']['log_dir']}/libvirtd.log"),
+        ("listen_addr", cfg["listen_address"]),
+        ("max_workers", cfg["libvirtd"]["max_workers"]),
+        ("max_client_requests", cfg["libvirtd"]["max_client_requests"]),
+    ]
+    qemu = [
+        ("stdio_handler", "logd"),
+        ("user", cfg["qemu"]["user"]),
+        ("group", cfg["qemu"]["group"]),
+        ("max_files", cfg["qemu"]["max_files"]),
+        ("max_processes", cfg["qemu"]["max_processes"]),
+    ]
+    nova_libvirt = [("connection_uri", json.dumps(cfg["connection_uri"]))]
+    if tls:
+        nova_libvirt.append(("live_migration_scheme", '"tls"'))
+    nova_libvirt += [("live_migration_inbound_addr", json.dumps(inbound)), ("virt_type", cfg["virt_type"])]
+    if cfg["cpu_mode"]:
+        nova_libvirt.append(("cpu_mode", cfg["cpu_mode"]))
+    nova_libvirt.append(("num_pcie_ports", "16"))
+
+    cfg["render"] = {
+        "libvirtd_conf": _conf_lines(_with_extra(libvirtd, cfg["libvirtd"]["extra"])),
+        "qemu_conf": _conf_lines(_with_extra(qemu, cfg["qemu"]["extra"])),
+        "sasl_conf": [f"mech_list: {' '.join(sasl['mech_list'])}", f"sasldb_path: {sasl['sasldb_path']}"],
+        "nova_conf": {
+            "libvirt": [f"{k} = {v}" for k, v in nova_libvirt],
+            "workarounds": ["skip_cpu_compare_on_dest = true"],
+        },
+        "config_json": _kolla_config_json(cfg),
+    }
+    return cfg, []
+
+
+def _with_extra(options, extra):
+    """Kolla's options with the operator's ``extra`` ones: same key replaced in place, new keys appended."""
+    keys = [k for k, _ in options]
+    merged = [(k, extra.get(k, v)) for k, v in options]
+    return merged + [(k, v) for k, v in extra.items() if k not in keys]
+
+
+def _kolla_config_json(cfg):
+    """Kolla's nova-libvirt config.json (kolla_set_configs) for these settings."""
+
+    def entry(source, dest):
+        return {"source": f"{CONTAINER_CONFIG_DIR}/{source}", "dest": dest, "owner": "root", "perm": "0600"}
+
+    files = [entry("libvirtd.conf", "/etc/libvirt/libvirtd.conf"), entry("qemu.conf", "/etc/libvirt/qemu.conf")]
+    if cfg["tls"]["enabled"]:
+        files += [
+            entry(name, PKI_FILES[name])
+            for name in ("serverkey.pem", "servercert.pem", "clientkey.pem", "clientcert.pem", "cacert.pem")
+        ]
+    if cfg["sasl"]["enabled"]:
+        files += [
+            entry("sasl.conf", "/etc/sasl2/libvirt.conf"),
+            entry("auth.conf", "/root/.config/libvirt/auth.conf"),
+        ]
+    return {"command": "/usr/local/bin/kolla_nova_libvirt_start", "config_files": files}
+
+
+def _default_interface():
+    try:
+        routes = __salt__["network.default_route"]("inet")
+    except (CommandExecutionError, KeyError):
+        return None
+    return routes[0]["interface"] if routes else None
+
+
+def _host_facts():
+    interfaces = {}
+    for family in ("ip4_interfaces", "ip6_interfaces"):
+        for iface, addresses in (__grains__.get(family) or {}).items():
+            interfaces.setdefault(iface, []).extend(a for a in addresses if not a.startswith("fe80"))
+    return {
+        "nodename": __grains__.get("nodename") or platform.node(),
+        "osarch": __grains__.get("osarch") or platform.machine(),
+        "interfaces": interfaces,
+        "default_interface": _default_interface(),
+        "kvm": probe_kvm(),
+    }
+
+
+def _defaults():
+    if "nova_libvirt.defaults" not in __context__:
+        text = __salt__["cp.get_file_str"](DEFAULTS_URL)
+        if not text:
+            raise CommandExecutionError(
+                f"{DEFAULTS_URL} cannot be read: is the formula on this minion's file_roots "
+                "(and were its modules synced with saltutil.sync_all)?"
+            )
+        __context__["nova_libvirt.defaults"] = salt.utils.yaml.safe_load(text)
+    return __context__["nova_libvirt.defaults"]
+
+
+def _settings():
+    pillar = __pillar__.get(PILLAR_ROOT, {}) or {}
+    key = "nova_libvirt.settings." + hashlib.sha256(json.dumps(pillar, sort_keys=True, default=str).encode()).hexdigest()
+    if key not in __context__:
+        merged, errors = _merge_and_validate(_defaults(), pillar)
+        if not errors:
+            merged, errors = _derive(merged, _host_facts())
+        if errors:
+            raise SaltInvocationError("nova_libvirt pillar is not valid:\n  " + "\n  ".join(errors))
+        __context__[key] = merged
+    return __context__[key]
+
+
+def settings(reveal_secrets=False):
+    """
+    The formula's settings for this minion: pillar ``nova_libvirt`` merged over
+    the defaults, validated, with derived values and every file's lines.
+
+    Raises ``SaltInvocationError`` listing every invalid key, so a state run
+    that renders with it fails before touching anything.
+
+    reveal_secrets
+        Include the SASL password (state modules need it). Off by default, so
+        the command line shows ``<hidden>``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.settings
+    """
+    cfg = copy.deepcopy(_settings())
+    if not reveal_secrets and cfg["sasl"]["password"] is not None:
+        cfg["sasl"]["password"] = HIDDEN
+    return cfg
+
+
+# --------------------------------------------------------------------------
+# KVM probe
+# --------------------------------------------------------------------------
+
+
+def _cpu_flags():
+    try:
+        with salt.utils.files.fopen("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _kvm_modules():
+    try:
+        with salt.utils.files.fopen("/proc/modules") as modules:
+            return sorted(m.split()[0] for m in modules if m.split()[0] in ("kvm", "kvm_intel", "kvm_amd"))
+    except OSError:
+        return []
+
+
+def _nested():
+    for module in ("kvm_intel", "kvm_amd"):
+        try:
+            with salt.utils.files.fopen(f"/sys/module/{module}/parameters/nested") as param:
+                return param.read().strip() in ("Y", "1")
+        except OSError:
+            continue
+    return None
+
+
+def probe_kvm(device="/dev/kvm"):
+    """
+    Probe whether KVM is usable here, the way QEMU uses it: open ``device``
+    read-write, ``KVM_GET_API_VERSION`` must answer 12 and ``KVM_CREATE_VM``
+    must succeed. CPU flags are reported, not trusted: inside a VM with nested
+    KVM ``/proc/cpuinfo`` may show no ``vmx``/``svm`` while KVM works.
+
+    Returns ``usable``, ``reason`` (one line when not usable), ``api_version``,
+    ``cpu_flags`` (vmx/svm/hypervisor present), ``modules``, ``nested`` and the
+    ``virtual`` grain.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.probe_kvm
+    """
+    flags = _cpu_flags()
+    result = {
+        "device": device,
+        "usable": False,
+        "reason": "",
+        "api_version": None,
+        "cpu_flags": sorted(flags & {"vmx", "svm", "hypervisor"}),
+        "modules": _kvm_modules(),
+        "nested": _nested(),
+        "virtual": __grains__.get("virtual", "unknown"),
+    }
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            hint = (
+                "load kvm_intel or kvm_amd"
+                if not result["modules"]
+                else "the kvm module is loaded but created no device"
+            )
+            if not flags & {"vmx", "svm"}:
+                hint += "; the CPU shows no vmx/svm: enable virtualisation in the BIOS, or nested virtualisation on the hypervisor"
+            result["reason"] = f"{device} does not exist ({hint})"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            result["reason"] = f"{device} is not readable and writable by uid {os.getuid()}: {exc.strerror}"
+        else:
+            result["reason"] = f"cannot open {device}: {exc.strerror}"
+        return result
+    try:
+        try:
+            result["api_version"] = fcntl.ioctl(fd, KVM_GET_API_VERSION, 0)
+        except OSError as exc:
+            result["reason"] = f"KVM_GET_API_VERSION failed on {device}: {exc.strerror}"
+            return result
+        if result["api_version"] != KVM_API_VERSION:
+            result["reason"] = f"KVM API version {result['api_version']}, expected {KVM_API_VERSION}"
+            return result
+        try:
+            vm_fd = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
+        except OSError as exc:
+            result["reason"] = (
+                f"KVM_CREATE_VM failed: {exc.strerror} (virtualisation disabled in the BIOS, "
+                "or nested virtualisation off on the hypervisor)"
+            )
+            return result
+        os.close(vm_fd)
+    finally:
+        os.close(fd)
+    result["usable"] = True
+    return result
+
+
+def virt_type():
+    """
+    The virt type nova-compute uses on this host: ``kvm`` or ``qemu``, from
+    pillar ``nova_libvirt:virt_type`` and the KVM probe (``auto`` picks kvm
+    when the probe says it is usable).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.virt_type
+    """
+    return _settings()["virt_type"]
+
+
+# --------------------------------------------------------------------------
+# Domains
+# --------------------------------------------------------------------------
+
+
+def _import_libvirt():
+    try:
+        import libvirt  # pylint: disable=import-outside-toplevel
+    except ImportError as exc:
+        raise CommandExecutionError(
+            "libvirt-python is not importable by Salt's Python: install it with "
+            "`salt-pip install libvirt-python` (onedir) or `pip install libvirt-python` "
+            "(needs libvirt-dev, pkg-config and gcc)"
+        ) from exc
+    return libvirt
+
+
+def _explain(exc, uri):
+    """An operator-facing message for a libvirt connection error."""
+    text = str(exc)
+    lowered = text.lower()
+    if "connection refused" in lowered:
+        hint = "nothing listens there: is libvirtd (or the nova_libvirt container) running with --listen?"
+    elif "authentication failed" in lowered or "sasl" in lowered:
+        hint = "SASL authentication failed: check nova_libvirt:sasl:authname/password and the sasldb user"
+    elif "verify peer" in lowered or "certificate" in lowered:
+        hint = "TLS verification failed: check the CA, the client pair and that the server certificate names the host"
+    elif "no route" in lowered or "timed out" in lowered or "name or service not known" in lowered:
+        hint = "the host cannot be reached: check migration_hostname/listen_address"
+    else:
+        hint = "see libvirt's message"
+    return f"cannot use libvirt at {uri}: {hint} ({text})"
+
+
+def _connection_args(uri, authname, password, pkipath):
+    """Fill what the caller left out from the formula's settings."""
+    if uri is None or (authname is None and password is None and pkipath is None):
+        cfg = _settings()
+        if uri is None:
+            uri = cfg["connection_uri"]
+            if cfg["tls"]["enabled"] and pkipath is None:
+                pkipath = cfg["paths"]["client_pki_dir"]
+        if cfg["sasl"]["enabled"] and authname is None:
+            authname, password = cfg["sasl"]["authname"], cfg["sasl"]["password"]
+    if pkipath:
+        uri += ("&" if "?" in uri else "?") + f"pkipath={pkipath}"
+    return uri, authname, password
+
+
+def _open(uri, authname=None, password=None):
+    libvirt = _import_libvirt()
+
+    def credentials(creds, _):
+        for cred in creds:
+            if cred[0] == libvirt.VIR_CRED_AUTHNAME:
+                cred[4] = authname
+            elif cred[0] == libvirt.VIR_CRED_PASSPHRASE:
+                cred[4] = password
+            else:
+                return -1
+        return 0
+
+    try:
+        if authname is None:
+            return libvirt.open(uri)
+        # libvirt.open() does not read auth.conf for SASL: credentials come
+        # through the callback.
+        auth = [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], credentials, None]
+        return libvirt.openAuth(uri, auth, 0)
+    except libvirt.libvirtError as exc:
+        raise CommandExecutionError(_explain(exc, uri)) from None
+
+
+STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended"}
+
+
+def _domains(uri, authname, password, pkipath, active_only):
+    uri, authname, password = _connection_args(uri, authname, password, pkipath)
+    libvirt = _import_libvirt()
+    conn = _open(uri, authname, password)
+    try:
+        flags = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE if active_only else 0
+        # One RPC for the list and every state; name, UUID and id come with
+        # each domain object, so no call per domain.
+        stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, flags)
+    except libvirt.libvirtError as exc:
+        raise CommandExecutionError(_explain(exc, uri)) from None
+    finally:
+        conn.close()
+    domains = []
+    for dom, record in stats:
+        dom_id = dom.ID()
+        domains.append(
+            {
+                "name": dom.name(),
+                "uuid": dom.UUIDString(),
+                "id": dom_id if dom_id >= 0 else None,
+                "state": STATE_NAMES.get(record.get("state.state"), "unknown"),
+                "active": dom_id >= 0,
+            }
+        )
+    return sorted(domains, key=lambda d: d["name"])
+
+
+def list_domains(uri=None, authname=None, password=None, pkipath=None):
+    """
+    Every domain of the libvirt nova-compute uses, with ``name``, ``uuid``,
+    ``id`` (None when shut off), ``state`` and ``active``: one RPC for all.
+
+    By default the connection is nova-compute's: ``connection_uri``, the SASL
+    credentials and, with TLS, the client certificates in nova-compute's config
+    dir. Any of them can be given instead.
+
+    uri
+        A libvirt URI, e.g. ``qemu+tcp://192.0.2.10/system``.
+    authname, password
+        SASL credentials. The password is never logged.
+    pkipath
+        Directory with ``cacert.pem``, ``clientcert.pem`` and ``clientkey.pem``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' nova_libvirt.list_domains
+        salt-call nova_libvirt.list_domains uri=qemu:///system
+    """
+    return _domains(uri, authname, password, pkipath, active_only=False)
+
+
+def running_domains(uri=None, authname=None, password=None, pkipath=None):
+    """
+    The active domains only; same arguments as :py:func:`list_domains`.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' nova_libvirt.running_domains
+    """
+    return _domains(uri, authname, password, pkipath, active_only=True)
+
+
+# --------------------------------------------------------------------------
+# SASL database
+# --------------------------------------------------------------------------
+
+
+def _run(argv, stdin=None):
+    # subprocess directly, not cmd.run: the password goes on stdin and must
+    # not reach cmd.run's logging of the call.
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise CommandExecutionError(
+            f"{argv[0]} is not installed (Debian: apt-get install sasl2-bin db5.3-util)"
+        ) from None
+    if proc.returncode:
+        raise CommandExecutionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _unescape_db_dump(line):
+    """Bytes of one ``db_dump -p`` line: printable characters, ``\\\\`` and ``\\xx`` hex escapes."""
+    out, i = bytearray(), 0
+    while i < len(line):
+        if line[i] == "\\":
+            if line[i + 1] == "\\":
+                out.append(0x5C)
+                i += 2
+            else:
+                out.append(int(line[i + 1 : i + 3], 16))
+                i += 3
+        else:
+            out.extend(line[i].encode())
+            i += 1
+    return bytes(out)
+
+
+def _parse_db_dump(text):
+    """
+    ``{(user, realm): password}`` from ``db_dump -p`` of a Cyrus sasldb, whose
+    keys are ``user\\0realm\\0property``.
+    """
+    body = text.split("HEADER=END\n", 1)[-1].split("DATA=END", 1)[0]
+    lines = [line[1:] for line in body.splitlines() if line.startswith(" ")]
+    entries = {}
+    for key, value in zip(lines[0::2], lines[1::2]):
+        parts = _unescape_db_dump(key).split(b"\0")
+        if len(parts) == 3 and parts[2] == b"userPassword":
+            entries[(parts[0].decode(), parts[1].decode())] = _unescape_db_dump(value).decode()
+    return entries
+
+
+def _sasldb_entries(sasldb):
+    if not os.path.exists(sasldb):
+        return {}
+    return _parse_db_dump(_run(["db_dump", "-p", sasldb]))
+
+
+def sasl_users(sasldb=None):
+    """
+    The users in libvirt's SASL database, as ``user@realm``.
+
+    sasldb
+        Default: ``nova_libvirt:sasl:sasldb_path``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.sasl_users
+    """
+    sasldb = sasldb or _settings()["sasl"]["sasldb_path"]
+    return sorted(f"{user}@{realm}" for user, realm in _sasldb_entries(sasldb))
+
+
+def sasl_user_diff(authname, password, sasldb):
+    """
+    What :py:func:`sasl_user_set` would change in ``sasldb``, without secrets:
+    ``{"create": bool, "rotate": bool, "remove": ["user@realm", ...]}``.
+    """
+    entries = _sasldb_entries(sasldb)
+    mine = {realm: pw for (user, realm), pw in entries.items() if user == authname}
+    return {
+        "create": not mine,
+        "rotate": bool(mine) and any(pw != password for pw in mine.values()),
+        "remove": sorted(f"{user}@{realm}" for user, realm in entries if user != authname),
+    }
+
+
+def sasl_user_set(authname, password, sasldb):
+    """
+    Make ``sasldb`` hold ``authname`` with ``password`` and no other user.
+    The password goes to ``saslpasswd2`` on stdin, never on its command line.
+    Returns the change made, as :py:func:`sasl_user_diff`.
+    """
+    diff = sasl_user_diff(authname, password, sasldb)
+    os.makedirs(os.path.dirname(sasldb), mode=0o755, exist_ok=True)
+    if diff["create"] or diff["rotate"]:
+        _run(["saslpasswd2", "-c", "-p", "-a", "libvirt", "-f", sasldb, authname], stdin=password)
+    entries = _sasldb_entries(sasldb)
+    for user, realm in entries:
+        if user != authname:
+            _run(["saslpasswd2", "-d", "-a", "libvirt", "-f", sasldb, "-u", realm, user])
+    os.chmod(sasldb, 0o600)
+    return diff
+
+
+def write_secret_file(path, text, owner="root", mode=0o600):
+    """Write ``text`` to ``path`` atomically, created with ``mode`` before any byte is written."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    account = pwd.getpwnam(owner)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nova_libvirt.")
+    try:
+        os.fchmod(fd, mode)
+        os.fchown(fd, account.pw_uid, account.pw_gid)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,155 @@
+"""
+State module of the ``nova_libvirt`` formula: the two things that carry the
+SASL password, so the password never passes through an SLS file, a state
+argument, a diff, a command line or a log line.
+
+.. code-block:: yaml
+
+    nova_libvirt-host-sasl-user-present:
+      nova_libvirt.sasl_user_present:
+        - name: kolla
+        - sasldb: /etc/libvirt/passwd.db
+
+    nova_libvirt-config-compute-auth-conf-managed:
+      nova_libvirt.auth_conf_managed:
+        - name: /etc/kolla/nova-compute/auth.conf
+        - owner: nova
+
+Both take the password from ``nova_libvirt.settings(reveal_secrets=True)``
+(pillar ``nova_libvirt:sasl:password``) and honour ``test=True``, reporting
+what would change without the secret.
+"""
+
+import logging
+import os
+import pwd
+import stat
+
+import salt.utils.files
+from salt.exceptions import CommandExecutionError, SaltInvocationError
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "nova_libvirt"
+
+
+def __virtual__():
+    if "nova_libvirt.settings" not in __salt__:
+        return (False, "the nova_libvirt execution module is not loaded: run saltutil.sync_all")
+    return __virtualname__
+
+
+def _ret(name):
+    return {"name": name, "changes": {}, "result": True, "comment": ""}
+
+
+def _password():
+    return __salt__["nova_libvirt.settings"](reveal_secrets=True)["sasl"]["password"]
+
+
+def sasl_user_present(name, sasldb):
+    """
+    Make libvirt's SASL database ``sasldb`` hold the user ``name`` with the
+    pillar's password, and no other user (the database is libvirt's alone, so
+    an old authname goes when the authname changes).
+
+    A right user changes nothing; a wrong password is rotated. The password is
+    read from pillar and handed to ``saslpasswd2`` on stdin.
+
+    name
+        The SASL authname (``nova_libvirt:sasl:authname``).
+    sasldb
+        Path of the database (``nova_libvirt:sasl:sasldb_path``).
+    """
+    ret = _ret(name)
+    try:
+        password = _password()
+        diff = __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb)
+        changes = _sasl_changes(name, diff)
+        if not changes:
+            ret["comment"] = f"SASL user {name} is present in {sasldb} with the right password."
+            return ret
+        if __opts__["test"]:
+            ret.update(result=None, changes=changes, comment=_sasl_comment(name, sasldb, changes, "would be"))
+            return ret
+        __salt__["nova_libvirt.sasl_user_set"](name, password, sasldb)
+        after = _sasl_changes(name, __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb))
+        if after:
+            raise CommandExecutionError(f"{sasldb} still differs after saslpasswd2: {sorted(after)}")
+        ret.update(changes=changes, comment=_sasl_comment(name, sasldb, changes, "was"))
+    except (CommandExecutionError, SaltInvocationError) as exc:
+        ret.update(result=False, changes={}, comment=str(exc))
+    return ret
+
+
+def _sasl_changes(name, diff):
+    changes = {}
+    if diff["create"]:
+        changes["user"] = {"old": None, "new": name}
+    elif diff["rotate"]:
+        changes["password"] = "rotated"
+    if diff["remove"]:
+        changes["removed"] = diff["remove"]
+    return changes
+
+
+def _sasl_comment(name, sasldb, changes, verb):
+    parts = []
+    if "user" in changes:
+        parts.append(f"SASL user {name} {verb} created in {sasldb}.")
+    if "password" in changes:
+        parts.append(f"The password of SASL user {name} {verb} rotated.")
+    if "removed" in changes:
+        parts.append(f"Other users {verb} removed: {', '.join(changes['removed'])}.")
+    return " ".join(parts)
+
+
+def auth_conf_managed(name, owner="root", mode="0600"):
+    """
+    Write libvirt client credentials (``auth.conf``: authname and password for
+    every libvirt connection) to ``name``, owned by ``owner`` (root when that
+    user does not exist) with ``mode``. Changes are reported without content.
+
+    name
+        Path, e.g. ``/etc/kolla/nova-compute/auth.conf``.
+    owner
+        File owner, e.g. ``nova``.
+    mode
+        Octal mode string; at most ``0600`` makes sense for a password file.
+    """
+    ret = _ret(name)
+    try:
+        cfg = __salt__["nova_libvirt.settings"](reveal_secrets=True)
+        text = __salt__["nova_libvirt.auth_conf_text"](cfg["sasl"]["authname"], cfg["sasl"]["password"])
+        try:
+            account = pwd.getpwnam(owner)
+        except KeyError:
+            account = pwd.getpwnam("root")
+        wanted_mode = int(str(mode), 8)
+        changes = {}
+        try:
+            st = os.stat(name)
+            with salt.utils.files.fopen(name) as handle:
+                current = handle.read()
+        except FileNotFoundError:
+            st, current = None, None
+        if current is None:
+            changes["file"] = "created"
+        else:
+            if current != text:
+                changes["content"] = "updated (not shown: it holds the SASL password)"
+            if stat.S_IMODE(st.st_mode) != wanted_mode:
+                changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": f"{wanted_mode:04o}"}
+            if st.st_uid != account.pw_uid or st.st_gid != account.pw_gid:
+                changes["owner"] = {"old": f"{st.st_uid}:{st.st_gid}", "new": f"{account.pw_uid}:{account.pw_gid}"}
+        if not changes:
+            ret["comment"] = f"{name} is in the correct state."
+            return ret
+        if __opts__["test"]:
+            ret.update(result=None, changes=changes, comment=f"{name} would be written.")
+            return ret
+        __salt__["nova_libvirt.write_secret_file"](name, text, owner=account.pw_name, mode=wanted_mode)
+        ret.update(changes=changes, comment=f"{name} was written.")
+    except (CommandExecutionError, SaltInvocationError, OSError) as exc:
+        ret.update(result=False, changes={}, comment=str(exc))
+    return ret

@@ -1,0 +1,194 @@
+"""
+Shared fixtures: the formula as a Salt state tree, a masterless minion that
+applies it with a given pillar, and a real host libvirtd started from the
+files the formula rendered.
+"""
+
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+import salt.utils.yaml
+from saltfactories.utils import random_string
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FORMULA_DIRS = ("nova_libvirt", "_modules", "_states", "_runners")
+PASSWORD = "Zx9-correct-horse-battery-staple-0123456789"
+
+
+def load_module(kind, name):
+    """Import ``_<kind>/<name>.py`` under a unique name (modules and states share basenames)."""
+    spec = importlib.util.spec_from_file_location(f"formula_{kind}_{name}", ROOT / f"_{kind}" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config():
+    # Short daemon paths: AF_UNIX socket paths are limited to 108 bytes.
+    return {"code_dir": str(ROOT), "inject_sitecustomize": False, "start_timeout": 120}
+
+
+def pytest_sessionfinish(session):
+    # Salt's deferred console handler replays the daemons' log records at
+    # exit, after pytest closed the stream: drop them (pytest showed them).
+    for handler in list(logging.root.handlers):
+        queued = getattr(handler, "_DeferredStreamHandler__messages", None)
+        if queued is not None:
+            queued.clear()
+        logging.root.removeHandler(handler)
+
+
+def copy_formula(dest):
+    """The formula's Salt parts, as they sit at the root of a file_roots entry."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FORMULA_DIRS:
+        if (ROOT / name).exists():
+            shutil.copytree(ROOT / name, dest / name, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def state_tree(tmp_path_factory):
+    return copy_formula(tmp_path_factory.mktemp("state-tree"))
+
+
+class Masterless:
+    """``salt-call --local`` with a pillar written as a real pillar file."""
+
+    def __init__(self, minion, pillar_dir):
+        self.minion = minion
+        self.cli = minion.salt_call_cli(timeout=180)
+        self.pillar_file = pillar_dir / "nova.sls"
+        (pillar_dir / "top.sls").write_text("base:\n  '*':\n    - nova\n")
+
+    def set_pillar(self, pillar):
+        self.pillar_file.write_text(salt.utils.yaml.safe_dump({"nova_libvirt": pillar}, default_flow_style=False))
+
+    def run(self, *args, pillar=None):
+        if pillar is not None:
+            self.set_pillar(pillar)
+        return self.cli.run("--local", *args)
+
+    def apply(self, sls="nova_libvirt", pillar=None, test=False):
+        args = ["state.apply", sls] + (["test=True"] if test else [])
+        return self.run(*args, pillar=pillar)
+
+
+@pytest.fixture(scope="session")
+def masterless(salt_factories, state_tree, tmp_path_factory):
+    pillar_dir = tmp_path_factory.mktemp("pillar")
+    minion = salt_factories.salt_minion_daemon(
+        random_string("local-"),
+        overrides={
+            "file_client": "local",
+            "file_roots": {"base": [str(state_tree)]},
+            "pillar_roots": {"base": [str(pillar_dir)]},
+        },
+    )
+    runner = Masterless(minion, pillar_dir)
+    ret = runner.run("saltutil.sync_all", pillar={})
+    assert ret.returncode == 0, ret.stderr
+    return runner
+
+
+def states(ret):
+    """State results of a state.apply, keyed by state ID."""
+    assert isinstance(ret.data, dict), f"no state data: {ret.stdout}\n{ret.stderr}"
+    return {key.split("_|-")[1]: value for key, value in ret.data.items()}
+
+
+def changed(ret):
+    return {sid: st["changes"] for sid, st in states(ret).items() if st["changes"]}
+
+
+def tree_snapshot(path):
+    """Every file under ``path`` with its bytes, mode and mtime: to prove nothing was touched."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Libvirtd:
+    """A real libvirtd (and virtlogd) on this host, started the way Kolla's image does: ``--listen``."""
+
+    def __init__(self, conf, sasl_conf_dir, workdir):
+        self.conf, self.sasl_conf_dir, self.workdir = conf, sasl_conf_dir, pathlib.Path(workdir)
+        self.pidfile = self.workdir / "libvirtd.pid"
+        self.proc = None
+
+    def start(self, timeout=30):
+        assert not os.path.exists("/run/libvirt/libvirt-sock"), "another libvirtd is running on this host"
+        subprocess.run(["virtlogd", "-d"], check=False)
+        env = dict(os.environ)
+        if self.sasl_conf_dir:
+            # Cyrus SASL reads libvirt.conf from here instead of /etc/sasl2.
+            env["SASL_CONF_PATH"] = str(self.sasl_conf_dir)
+        log = open(self.workdir / "libvirtd.stderr", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["libvirtd", "-f", str(self.conf), "-p", str(self.pidfile), "--listen"],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        self._log = log
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"libvirtd exited {self.proc.returncode}: {self.stderr()}")
+            if os.path.exists("/run/libvirt/libvirt-sock"):
+                probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True)
+                if probe.returncode == 0:
+                    return self
+            time.sleep(0.2)
+        raise RuntimeError(f"libvirtd did not answer within {timeout}s: {self.stderr()}")
+
+    def stderr(self):
+        return (self.workdir / "libvirtd.stderr").read_text(errors="replace")[-2000:]
+
+    def virsh(self, *args, check=True, **kwargs):
+        return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=check, **kwargs)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            for dom in self.virsh("list", "--name", "--all", check=False).stdout.split():
+                self.virsh("destroy", dom, check=False)
+                self.virsh("undefine", dom, check=False)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+
+
+def domain_xml(name, virt_type="kvm", memory_mib=64):
+    """A guest with no disk: enough for QEMU to run it (KVM or TCG) and libvirt to list it."""
+    return f"""<domain type='{virt_type}'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+</domain>"""
+
+
+def as_json(obj):
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -37,6 +37,8 @@ import os
 import platform
 import pwd
 import re
+import socket
+import ssl
 import subprocess
 import tempfile
 
@@ -54,13 +56,22 @@ HIDDEN = "<hidden>"
 
 # Kolla's fixed paths inside the nova_libvirt container (nova-libvirt.json.j2).
 CONTAINER_CONFIG_DIR = "/var/lib/kolla/config_files"
-PKI_FILES = {
-    "serverkey.pem": "/etc/pki/libvirt/private/serverkey.pem",
-    "servercert.pem": "/etc/pki/libvirt/servercert.pem",
-    "clientkey.pem": "/etc/pki/libvirt/private/clientkey.pem",
-    "clientcert.pem": "/etc/pki/libvirt/clientcert.pem",
-    "cacert.pem": "/etc/pki/CA/cacert.pem",
-}
+TLS_FILES = ("cacert.pem", "servercert.pem", "serverkey.pem", "clientcert.pem", "clientkey.pem")
+CLIENT_FILES = ("cacert.pem", "clientcert.pem", "clientkey.pem")
+
+
+def pki_paths(pki_dir="/etc/pki"):
+    """libvirt's default TLS file locations below ``pki_dir`` (kbase/tlscerts)."""
+    return {
+        "serverkey.pem": f"{pki_dir}/libvirt/private/serverkey.pem",
+        "servercert.pem": f"{pki_dir}/libvirt/servercert.pem",
+        "clientkey.pem": f"{pki_dir}/libvirt/private/clientkey.pem",
+        "clientcert.pem": f"{pki_dir}/libvirt/clientcert.pem",
+        "cacert.pem": f"{pki_dir}/CA/cacert.pem",
+    }
+
+
+PKI_FILES = pki_paths()
 TCP_PORT, TLS_PORT = 16509, 16514
 
 # <linux/kvm.h>: _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01); the API version is 12
@@ -147,6 +158,7 @@ RULES = {
     "host:libvirtd_conf": ABS_PATH,
     "host:sasl_conf": ABS_PATH,
     "host:service": _optional(NAME),
+    "host:pki_dir": ABS_PATH,
     "sasl:enabled": BOOL,
     "sasl:authname": NAME,
     "sasl:password": _optional(SECRET),
@@ -160,6 +172,10 @@ RULES = {
     "tls:enabled": BOOL,
     "tls:manage_certs": BOOL,
     "tls:source": SOURCE,
+    "tls:files": _expect(
+        lambda v: isinstance(v, dict) and all(k in TLS_FILES and isinstance(x, str) and x for k, x in v.items()),
+        "a mapping of " + ", ".join(TLS_FILES) + " to PEM text",
+    ),
     "tls:warn_days": _expect(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
     "libvirtd:debug": BOOL,
     "libvirtd:log_dir": ABS_PATH,
@@ -175,7 +191,7 @@ RULES = {
     "cleanup:running_vms_fatal": BOOL,
     "cleanup:remove_volumes": BOOL,
 }
-SECRET_KEYS = {"sasl:password"}
+SECRET_KEYS = {"sasl:password", "tls:files"}
 
 
 def _merge(defaults, overrides, path, errors):
@@ -351,14 +367,17 @@ def _derive(merged, facts):
 
     auth = "sasl" if sasl["enabled"] else "none"
     level = 1 if cfg["libvirtd"]["debug"] else 3
+    # Inside Kolla's container the files sit at libvirt's defaults; a host
+    # daemon finds them below host:pki_dir.
+    daemon_pki = pki_paths("/etc/pki" if cfg["container"]["enabled"] else cfg["host"]["pki_dir"])
     if tls:
         listeners = [
             ("listen_tls", 1),
             ("listen_tcp", 0),
             ("tls_port", str(cfg["port"])),
-            ("key_file", PKI_FILES["serverkey.pem"]),
-            ("cert_file", PKI_FILES["servercert.pem"]),
-            ("ca_file", PKI_FILES["cacert.pem"]),
+            ("key_file", daemon_pki["serverkey.pem"]),
+            ("cert_file", daemon_pki["servercert.pem"]),
+            ("ca_file", daemon_pki["cacert.pem"]),
             ("auth_tls", auth),
         ]
     else:
@@ -391,6 +410,7 @@ def _derive(merged, facts):
         nova_libvirt.append(("cpu_mode", cfg["cpu_mode"]))
     nova_libvirt.append(("num_pcie_ports", "16"))
 
+    cfg["tls_plan"] = _tls_plan(cfg, daemon_pki) if tls else []
     cfg["render"] = {
         "libvirtd_conf": _conf_lines(_with_extra(libvirtd, cfg["libvirtd"]["extra"])),
         "qemu_conf": _conf_lines(_with_extra(qemu, cfg["qemu"]["extra"])),
@@ -402,6 +422,32 @@ def _derive(merged, facts):
         "config_json": _kolla_config_json(cfg),
     }
     return cfg, []
+
+
+def _tls_plan(cfg, daemon_pki):
+    """
+    Where each TLS file goes, as Kolla's config-libvirt-tls.yml: the container
+    gets all five in its config dir, nova-compute the CA and the client pair;
+    a host daemon managed by the formula gets all five below host:pki_dir.
+    ``daemon`` marks the copies libvirtd itself reads (a change there is
+    pushed to the running daemon).
+    """
+    compute = cfg["nova_compute"]["owner"]
+    plan = [
+        {"file": name, "dest": os.path.join(cfg["paths"]["compute_dir"], name), "owner": compute, "mode": "0600", "daemon": False}
+        for name in CLIENT_FILES
+    ]
+    if cfg["container"]["enabled"]:
+        plan += [
+            {"file": name, "dest": os.path.join(cfg["paths"]["libvirt_dir"], name), "owner": "root", "mode": "0600", "daemon": True}
+            for name in TLS_FILES
+        ]
+    elif cfg["host"]["manage_daemon"]:
+        plan += [
+            {"file": name, "dest": daemon_pki[name], "owner": "root", "mode": "0600" if name.endswith("key.pem") else "0644", "daemon": True}
+            for name in TLS_FILES
+        ]
+    return plan
 
 
 def _with_extra(options, extra):
@@ -497,8 +543,10 @@ def settings(reveal_secrets=False):
         salt-call nova_libvirt.settings
     """
     cfg = copy.deepcopy(_settings())
-    if not reveal_secrets and cfg["sasl"]["password"] is not None:
-        cfg["sasl"]["password"] = HIDDEN
+    if not reveal_secrets:
+        if cfg["sasl"]["password"] is not None:
+            cfg["sasl"]["password"] = HIDDEN
+        cfg["tls"]["files"] = {name: HIDDEN for name in cfg["tls"]["files"]}
     return cfg
 
 
@@ -643,10 +691,10 @@ def _explain(exc, uri):
     lowered = text.lower()
     if "connection refused" in lowered:
         hint = "nothing listens there: is libvirtd (or the nova_libvirt container) running with --listen?"
+    elif "certificate" in lowered or "verify peer" in lowered or "tls" in lowered:
+        hint = "TLS verification failed: check the CA, the client pair and that the server certificate names the host"
     elif "authentication failed" in lowered or "sasl" in lowered:
         hint = "SASL authentication failed: check nova_libvirt:sasl:authname/password and the sasldb user"
-    elif "verify peer" in lowered or "certificate" in lowered:
-        hint = "TLS verification failed: check the CA, the client pair and that the server certificate names the host"
     elif "no route" in lowered or "timed out" in lowered or "name or service not known" in lowered:
         hint = "the host cannot be reached: check migration_hostname/listen_address"
     else:
@@ -870,7 +918,7 @@ def sasl_user_set(authname, password, sasldb):
 
 
 def write_secret_file(path, text, owner="root", mode=0o600):
-    """Write ``text`` to ``path`` atomically, created with ``mode`` before any byte is written."""
+    """Write ``text`` (str or bytes) to ``path`` atomically, with ``mode`` set before any byte is written."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     account = pwd.getpwnam(owner)
@@ -878,10 +926,79 @@ def write_secret_file(path, text, owner="root", mode=0o600):
     try:
         os.fchmod(fd, mode)
         os.fchown(fd, account.pw_uid, account.pw_gid)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode() if isinstance(text, str) else text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# --------------------------------------------------------------------------
+# TLS reload
+# --------------------------------------------------------------------------
+
+ADMIN_SOCKET = "/run/libvirt/libvirt-admin-sock"
+
+
+def _served_certificate_sha256(address, port):
+    """SHA-256 of the certificate libvirtd presents on its TLS port (not verified: only compared)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((address, port), timeout=10) as sock:
+            with context.wrap_socket(sock) as tls:
+                return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def _installed_server_certificate_sha256(cfg):
+    for entry in cfg["tls_plan"]:
+        if entry["daemon"] and entry["file"] == "servercert.pem":
+            with salt.utils.files.fopen(entry["dest"]) as handle:
+                pem = handle.read()
+            first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+            return hashlib.sha256(ssl.PEM_cert_to_DER_cert(first)).hexdigest()
+    return None
+
+
+def reload_tls():
+    """
+    Make the running libvirtd use its new TLS certificate and key without a
+    restart: ``virt-admin server-update-tls libvirtd`` (libvirt >= 6.2), so
+    running guests and open connections are not disturbed. Then check that the
+    TLS port presents the installed certificate: server-update-tls re-reads
+    libvirt's default ``/etc/pki`` paths, whatever libvirtd.conf says. Where
+    that did not work, the host service is restarted (guests survive a
+    libvirtd restart) when ``host:service`` is set; otherwise an error says a
+    restart is needed.
+
+    Returns what was done, or an empty string when no libvirtd runs (it reads
+    the files when it starts).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.reload_tls
+    """
+    cfg = _settings()
+    if not os.path.exists(ADMIN_SOCKET):
+        return ""
+    expected = _installed_server_certificate_sha256(cfg)
+    try:
+        _run(["virt-admin", "-c", "libvirtd:///system", "server-update-tls", "libvirtd"])
+        served = _served_certificate_sha256(cfg["listen_address"], cfg["port"])
+        if expected and served != expected:
+            raise CommandExecutionError(
+                f"the TLS port {cfg['listen_address']}:{cfg['port']} still presents another certificate "
+                "(server-update-tls reads libvirt's default /etc/pki paths)"
+            )
+    except CommandExecutionError as exc:
+        if not cfg["container"]["enabled"] and cfg["host"]["service"]:
+            __salt__["service.restart"](cfg["host"]["service"])
+            return f"restarted {cfg['host']['service']}: {exc}"
+        raise CommandExecutionError(f"libvirtd did not take the new TLS files ({exc}); restart it to use them") from None
+    return "libvirtd reloaded its TLS files (virt-admin server-update-tls); its TLS port presents the new certificate"

@@ -6,6 +6,9 @@
 {%- set tplroot = tpldir.split("/")[0] %}
 {%- from tplroot ~ "/map.jinja" import config with context %}
 {%- set paths = config.paths %}
+
+include:
+  - {{ tplroot }}.tls
 {%- set render = config.render %}
 {%- set conf_files = [] %}
 {%- if config.container.enabled %}

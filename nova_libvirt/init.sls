@@ -8,3 +8,16 @@ include:
 {%- if not config.container.enabled and config.host.manage_daemon %}
   - {{ tplroot }}.host
 {%- endif %}
+{%- if config.tls.enabled and config.tls.manage_certs %}
+
+# New certificates reach the running libvirtd without a restart.
+nova_libvirt-tls-daemon-updated:
+  nova_libvirt_tls.daemon_updated:
+    - name: libvirtd
+    - onchanges:
+      - nova_libvirt_tls: nova_libvirt-tls-files-managed
+{%-   if not config.container.enabled and config.host.manage_daemon %}
+    - require:
+      - sls: {{ tplroot }}.host
+{%-   endif %}
+{%- endif %}

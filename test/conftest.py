@@ -126,8 +126,11 @@ def tree_snapshot(path):
 class Libvirtd:
     """A real libvirtd (and virtlogd) on this host, started the way Kolla's image does: ``--listen``."""
 
-    def __init__(self, conf, sasl_conf_dir, workdir):
+    def __init__(self, conf, sasl_conf_dir, workdir, pki_dir=None):
         self.conf, self.sasl_conf_dir, self.workdir = conf, sasl_conf_dir, pathlib.Path(workdir)
+        # virt-admin server-update-tls re-reads libvirt's default /etc/pki only:
+        # give this daemon a private mount namespace where /etc/pki is pki_dir.
+        self.pki_dir = pki_dir
         self.pidfile = self.workdir / "libvirtd.pid"
         self.proc = None
 
@@ -139,8 +142,12 @@ class Libvirtd:
             # Cyrus SASL reads libvirt.conf from here instead of /etc/sasl2.
             env["SASL_CONF_PATH"] = str(self.sasl_conf_dir)
         log = open(self.workdir / "libvirtd.stderr", "ab")  # noqa: SIM115 - closed in stop()
+        argv = ["libvirtd", "-f", str(self.conf), "-p", str(self.pidfile), "--listen"]
+        if self.pki_dir:
+            os.makedirs("/etc/pki", exist_ok=True)
+            argv = ["unshare", "-m", "sh", "-c", f'mount --bind "{self.pki_dir}" /etc/pki && exec "$@"', "sh", *argv]
         self.proc = subprocess.Popen(
-            ["libvirtd", "-f", str(self.conf), "-p", str(self.pidfile), "--listen"],
+            argv,
             env=env,
             stdout=log,
             stderr=log,
@@ -156,6 +163,13 @@ class Libvirtd:
                     return self
             time.sleep(0.2)
         raise RuntimeError(f"libvirtd did not answer within {timeout}s: {self.stderr()}")
+
+    def log(self):
+        """libvirtd's own log (log_outputs of the rendered libvirtd.conf) and its stderr."""
+        text = self.stderr()
+        for path in self.workdir.rglob("libvirtd.log"):
+            text += path.read_text(errors="replace")
+        return text
 
     def stderr(self):
         return (self.workdir / "libvirtd.stderr").read_text(errors="replace")[-2000:]

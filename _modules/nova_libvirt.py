@@ -41,6 +41,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
 
 import salt.utils.files
 import salt.utils.yaml
@@ -154,6 +155,23 @@ RULES = {
     "port": _optional(_expect(lambda v: _is_positive_int(v) and v < 65536, "a TCP port (1-65535)")),
     "cpu_mode": _optional(_one_of("none", "host-model", "host-passthrough", "custom")),
     "container:enabled": BOOL,
+    "container:engine": _one_of("docker", "podman"),
+    "container:engine_url": _optional(
+        _expect(lambda v: isinstance(v, str) and re.match(r"^(unix|tcp|ssh|https?)://", v), "a unix:// or tcp:// URL")
+    ),
+    "container:name": NAME,
+    "container:image": _expect(lambda v: isinstance(v, str) and re.match(r"^[a-z0-9][a-z0-9._/:-]*$", v), "an image name"),
+    "container:tag": NAME,
+    "container:volumes": _expect(
+        lambda v: isinstance(v, dict) and all(SAFE_NAME.match(k) and isinstance(p, str) and os.path.isabs(p) for k, p in v.items()),
+        "a mapping of volume names to absolute mount points",
+    ),
+    "container:extra_volumes": _expect(
+        lambda v: isinstance(v, list) and all(isinstance(b, str) and b.count(":") in (1, 2) for b in v),
+        'a list of "source:destination[:options]"',
+    ),
+    "container:qemu_gid": POSITIVE_INT,
+    "container:ready_timeout": POSITIVE_INT,
     "host:manage_daemon": BOOL,
     "host:libvirtd_conf": ABS_PATH,
     "host:sasl_conf": ABS_PATH,
@@ -203,7 +221,7 @@ def _merge(defaults, overrides, path, errors):
             errors.append(
                 f"{PILLAR_ROOT}:{where}: unknown key; expected one of: {', '.join(sorted(map(str, defaults)))}"
             )
-        elif isinstance(defaults[key], dict) and defaults[key] and isinstance(value, dict):
+        elif where not in RULES and isinstance(defaults[key], dict) and isinstance(value, dict):
             merged[key] = _merge(defaults[key], value, where, errors)
         else:
             merged[key] = copy.deepcopy(value)
@@ -411,6 +429,7 @@ def _derive(merged, facts):
     nova_libvirt.append(("num_pcie_ports", "16"))
 
     cfg["tls_plan"] = _tls_plan(cfg, daemon_pki) if tls else []
+    cfg["container"].update(_container_spec(cfg, facts["nodename"]))
     cfg["render"] = {
         "libvirtd_conf": _conf_lines(_with_extra(libvirtd, cfg["libvirtd"]["extra"])),
         "qemu_conf": _conf_lines(_with_extra(qemu, cfg["qemu"]["extra"])),
@@ -448,6 +467,38 @@ def _tls_plan(cfg, daemon_pki):
             for name in TLS_FILES
         ]
     return plan
+
+
+ENGINE_SOCKETS = {"docker": "unix:///var/run/docker.sock", "podman": "unix:///run/podman/podman.sock"}
+
+
+def _container_spec(cfg, nodename):
+    """Kolla's nova_libvirt container (nova_cell_services['nova-libvirt']) for these settings."""
+    spec = cfg["container"]
+    binds = [
+        f"{cfg['paths']['libvirt_dir']}:/var/lib/kolla/config_files:ro",
+        "/lib/modules:/lib/modules:ro",
+        "/run:/run:shared",
+        "/dev:/dev",
+        "/sys/fs/cgroup:/sys/fs/cgroup",
+    ]
+    binds += [f"{name}:{path}" for name, path in spec["volumes"].items()]
+    binds += spec["extra_volumes"]
+    return {
+        "engine_url": spec["engine_url"] or ENGINE_SOCKETS[spec["engine"]],
+        "image_ref": f"{spec['image']}:{spec['tag']}",
+        "binds": binds,
+        # HOME and HOSTNAME as the engine would add them (Podman records them
+        # in the container's config): stated here, a second apply sees no
+        # difference and does not recreate the container.
+        "environment": {
+            "KOLLA_CONFIG_STRATEGY": "COPY_ALWAYS",
+            "KOLLA_SERVICE_NAME": "nova-libvirt",
+            "HOME": "/root",
+            "HOSTNAME": nodename,
+        },
+        "kvm_udev_rule": f'KERNEL=="kvm", GROUP="{spec["qemu_gid"]}", MODE="0660"',
+    }
 
 
 def _with_extra(options, extra):
@@ -816,18 +867,37 @@ def running_domains(uri=None, authname=None, password=None, pkipath=None):
 # --------------------------------------------------------------------------
 
 
-def _run(argv, stdin=None):
+def _run(argv, stdin=None, env=None, binary=False):
     # subprocess directly, not cmd.run: the password goes on stdin and must
     # not reach cmd.run's logging of the call.
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=not binary, check=False, env=env
+        )
     except FileNotFoundError:
         raise CommandExecutionError(
             f"{argv[0]} is not installed (Debian: apt-get install sasl2-bin db5.3-util)"
         ) from None
     if proc.returncode:
-        raise CommandExecutionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        stderr = proc.stderr.decode(errors="replace") if binary else proc.stderr
+        raise CommandExecutionError(f"{' '.join(argv)} failed ({proc.returncode}): {stderr.strip()}")
     return proc.stdout
+
+
+def _in_container(container, argv):
+    """``argv`` run inside ``container`` through the engine's CLI (``exec -i``: stdin reaches it)."""
+    if not container:
+        return argv
+    cfg = _settings()
+    return [cfg["container"]["engine"], "exec", "-i", container, *argv]
+
+
+def _engine_env():
+    cfg = _settings()
+    env = dict(os.environ)
+    if cfg["container"]["engine"] == "docker":
+        env["DOCKER_HOST"] = cfg["container"]["engine_url"]
+    return env
 
 
 def _unescape_db_dump(line):
@@ -862,18 +932,33 @@ def _parse_db_dump(text):
     return entries
 
 
-def _sasldb_entries(sasldb):
-    if not os.path.exists(sasldb):
+def _sasldb_entries(sasldb, container=None):
+    if not container:
+        if not os.path.exists(sasldb):
+            return {}
+        return _parse_db_dump(_run(["db_dump", "-p", sasldb]))
+    # The database lives in the container's writable layer: read its bytes
+    # through the engine and dump them here, in a file only root can read.
+    probe = subprocess.run(_in_container(container, ["test", "-e", sasldb]), env=_engine_env(), check=False)
+    if probe.returncode:
         return {}
-    return _parse_db_dump(_run(["db_dump", "-p", sasldb]))
+    data = _run(_in_container(container, ["cat", sasldb]), env=_engine_env(), binary=True)
+    with tempfile.NamedTemporaryFile(prefix="nova_libvirt-sasldb.") as copy_:
+        os.fchmod(copy_.fileno(), 0o600)
+        copy_.write(data)
+        copy_.flush()
+        return _parse_db_dump(_run(["db_dump", "-p", copy_.name]))
 
 
-def sasl_users(sasldb=None):
+def sasl_users(sasldb=None, container=None):
     """
     The users in libvirt's SASL database, as ``user@realm``.
 
     sasldb
         Default: ``nova_libvirt:sasl:sasldb_path``.
+    container
+        Read the database inside this container (default: the nova_libvirt
+        container when it is enabled, else the host's file).
 
     CLI Example:
 
@@ -881,16 +966,19 @@ def sasl_users(sasldb=None):
 
         salt-call nova_libvirt.sasl_users
     """
-    sasldb = sasldb or _settings()["sasl"]["sasldb_path"]
-    return sorted(f"{user}@{realm}" for user, realm in _sasldb_entries(sasldb))
+    cfg = _settings()
+    sasldb = sasldb or cfg["sasl"]["sasldb_path"]
+    if container is None and cfg["container"]["enabled"]:
+        container = cfg["container"]["name"]
+    return sorted(f"{user}@{realm}" for user, realm in _sasldb_entries(sasldb, container))
 
 
-def sasl_user_diff(authname, password, sasldb):
+def sasl_user_diff(authname, password, sasldb, container=None):
     """
     What :py:func:`sasl_user_set` would change in ``sasldb``, without secrets:
     ``{"create": bool, "rotate": bool, "remove": ["user@realm", ...]}``.
     """
-    entries = _sasldb_entries(sasldb)
+    entries = _sasldb_entries(sasldb, container)
     mine = {realm: pw for (user, realm), pw in entries.items() if user == authname}
     return {
         "create": not mine,
@@ -899,21 +987,25 @@ def sasl_user_diff(authname, password, sasldb):
     }
 
 
-def sasl_user_set(authname, password, sasldb):
+def sasl_user_set(authname, password, sasldb, container=None):
     """
-    Make ``sasldb`` hold ``authname`` with ``password`` and no other user.
-    The password goes to ``saslpasswd2`` on stdin, never on its command line.
-    Returns the change made, as :py:func:`sasl_user_diff`.
+    Make ``sasldb`` (inside ``container`` when given) hold ``authname`` with
+    ``password`` and no other user. The password goes to ``saslpasswd2`` on
+    stdin, never on a command line. Returns the change made, as
+    :py:func:`sasl_user_diff`.
     """
-    diff = sasl_user_diff(authname, password, sasldb)
-    os.makedirs(os.path.dirname(sasldb), mode=0o755, exist_ok=True)
+    diff = sasl_user_diff(authname, password, sasldb, container)
+    env = _engine_env() if container else None
+    if not container:
+        os.makedirs(os.path.dirname(sasldb), mode=0o755, exist_ok=True)
     if diff["create"] or diff["rotate"]:
-        _run(["saslpasswd2", "-c", "-p", "-a", "libvirt", "-f", sasldb, authname], stdin=password)
-    entries = _sasldb_entries(sasldb)
-    for user, realm in entries:
+        argv = ["saslpasswd2", "-c", "-p", "-a", "libvirt", "-f", sasldb, authname]
+        _run(_in_container(container, argv), stdin=password, env=env)
+    for user, realm in _sasldb_entries(sasldb, container):
         if user != authname:
-            _run(["saslpasswd2", "-d", "-a", "libvirt", "-f", sasldb, "-u", realm, user])
-    os.chmod(sasldb, 0o600)
+            argv = ["saslpasswd2", "-d", "-a", "libvirt", "-f", sasldb, "-u", realm, user]
+            _run(_in_container(container, argv), env=env)
+    _run(_in_container(container, ["chmod", "0600", sasldb]), env=env)
     return diff
 
 
@@ -967,7 +1059,8 @@ def _installed_server_certificate_sha256(cfg):
 def reload_tls():
     """
     Make the running libvirtd use its new TLS certificate and key without a
-    restart: ``virt-admin server-update-tls libvirtd`` (libvirt >= 6.2), so
+    restart: ``virt-admin server-update-tls libvirtd`` (libvirt >= 6.2; in
+    the container after ``kolla_set_configs`` copied the new files in), so
     running guests and open connections are not disturbed. Then check that the
     TLS port presents the installed certificate: server-update-tls re-reads
     libvirt's default ``/etc/pki`` paths, whatever libvirtd.conf says. Where
@@ -988,8 +1081,13 @@ def reload_tls():
     if not os.path.exists(ADMIN_SOCKET):
         return ""
     expected = _installed_server_certificate_sha256(cfg)
+    container = cfg["container"]["name"] if cfg["container"]["enabled"] else None
+    env = _engine_env() if container else None
     try:
-        _run(["virt-admin", "-c", "libvirtd:///system", "server-update-tls", "libvirtd"])
+        if container:
+            # kolla_set_configs copies the config dir into place, as at start.
+            _run(_in_container(container, ["kolla_set_configs"]), env=env)
+        _run(_in_container(container, ["virt-admin", "-c", "libvirtd:///system", "server-update-tls", "libvirtd"]), env=env)
         served = _served_certificate_sha256(cfg["listen_address"], cfg["port"])
         if expected and served != expected:
             raise CommandExecutionError(
@@ -1002,3 +1100,130 @@ def reload_tls():
             return f"restarted {cfg['host']['service']}: {exc}"
         raise CommandExecutionError(f"libvirtd did not take the new TLS files ({exc}); restart it to use them") from None
     return "libvirtd reloaded its TLS files (virt-admin server-update-tls); its TLS port presents the new certificate"
+
+
+# --------------------------------------------------------------------------
+# The nova_libvirt container
+# --------------------------------------------------------------------------
+
+
+def salt_client_timeout():
+    """saltext-dockermod's default API timeout, for the client handed to it."""
+    try:
+        import salt.utils.dockermod  # pylint: disable=import-outside-toplevel
+
+        return salt.utils.dockermod.CLIENT_TIMEOUT
+    except ImportError:
+        return 60
+
+
+def _docker_client(url, timeout=10):
+    try:
+        import docker  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise CommandExecutionError("the docker Python package is not importable by Salt's Python") from None
+    return docker.APIClient(base_url=url, version="auto", timeout=timeout)
+
+
+def container_precheck():
+    """
+    Check, before any state runs, that the container engine answers at
+    ``container:engine_url`` and that no host libvirtd holds libvirt's socket
+    while the container is not there yet (Kolla's precheck). Points the
+    saltext-dockermod states of this run at the same engine.
+
+    Returns the engine's version.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.container_precheck
+    """
+    cfg = _settings()
+    spec = cfg["container"]
+    url = spec["engine_url"]
+    try:
+        client = _docker_client(url)
+        version = client.version()
+    except Exception as exc:  # pylint: disable=broad-except
+        start = (
+            "podman system service --time=0 unix:///run/podman/podman.sock"
+            if spec["engine"] == "podman"
+            else "dockerd (or systemctl start docker)"
+        )
+        raise CommandExecutionError(
+            f"no {spec['engine']} engine answers at {url} (nova_libvirt:container:engine_url): {exc}. "
+            f"Start it ({start}), set container:engine/engine_url, or set container:enabled: false "
+            "to use a host libvirtd"
+        ) from None
+    configured = __opts__.get("docker.url")
+    if configured and configured != url:
+        raise CommandExecutionError(
+            f"docker.url is {configured} in the minion config but nova_libvirt:container:engine_url is {url}: "
+            "make them the same (the container states use docker.url)"
+        )
+    # saltext-dockermod keeps its client in the run's shared __context__ and
+    # makes one from docker.url only when none is there: handing it this one
+    # keeps a single setting, nova_libvirt:container:engine_url, for both.
+    __context__["docker.client"] = _docker_client(url, timeout=salt_client_timeout())
+    existing = client.containers(all=True, filters={"name": f"^{spec['name']}$"})
+    if not existing and os.path.exists("/run/libvirt/libvirt-sock"):
+        raise CommandExecutionError(
+            "a host libvirtd is running (/run/libvirt/libvirt-sock exists) and the nova_libvirt container "
+            "is not there yet: stop the host libvirtd, or set container:enabled: false to use it"
+        )
+    return {"engine": spec["engine"], "url": url, "version": version.get("Version")}
+
+
+def container_info():
+    """
+    The nova_libvirt container as the engine sees it: ``id``, ``image``,
+    ``state``, ``started_at``; ``None`` when there is none.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.container_info
+    """
+    spec = _settings()["container"]
+    client = _docker_client(spec["engine_url"])
+    try:
+        data = client.inspect_container(spec["name"])
+    except Exception:  # pylint: disable=broad-except
+        return None
+    return {
+        "id": data["Id"],
+        "image": data["Config"]["Image"],
+        "state": data["State"]["Status"],
+        "started_at": data["State"].get("StartedAt"),
+    }
+
+
+def wait_ready(timeout=None):
+    """
+    Wait until libvirtd answers on ``listen_address:port`` (the address
+    nova-compute connects to). Returns the seconds waited.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.wait_ready timeout=60
+    """
+    cfg = _settings()
+    timeout = timeout or cfg["container"]["ready_timeout"]
+    start = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((cfg["listen_address"], cfg["port"]), timeout=2):
+                return round(time.monotonic() - start, 2)
+        except OSError as exc:
+            if time.monotonic() - start > timeout:
+                raise CommandExecutionError(
+                    f"libvirtd does not answer on {cfg['listen_address']}:{cfg['port']} after {timeout}s ({exc}): "
+                    f"see `{cfg['container']['engine']} logs {cfg['container']['name']}` and "
+                    f"{cfg['libvirtd']['log_dir']}/libvirtd.log"
+                ) from None
+            time.sleep(0.5)

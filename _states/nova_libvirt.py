@@ -47,7 +47,7 @@ def _password():
     return __salt__["nova_libvirt.settings"](reveal_secrets=True)["sasl"]["password"]
 
 
-def sasl_user_present(name, sasldb):
+def sasl_user_present(name, sasldb, container=None):
     """
     Make libvirt's SASL database ``sasldb`` hold the user ``name`` with the
     pillar's password, and no other user (the database is libvirt's alone, so
@@ -60,11 +60,14 @@ def sasl_user_present(name, sasldb):
         The SASL authname (``nova_libvirt:sasl:authname``).
     sasldb
         Path of the database (``nova_libvirt:sasl:sasldb_path``).
+    container
+        The database is inside this container (the ``nova_libvirt``
+        container): read and written through the engine's ``exec``.
     """
     ret = _ret(name)
     try:
         password = _password()
-        diff = __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb)
+        diff = __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb, container)
         changes = _sasl_changes(name, diff)
         if not changes:
             ret["comment"] = f"SASL user {name} is present in {sasldb} with the right password."
@@ -72,8 +75,8 @@ def sasl_user_present(name, sasldb):
         if __opts__["test"]:
             ret.update(result=None, changes=changes, comment=_sasl_comment(name, sasldb, changes, "would be"))
             return ret
-        __salt__["nova_libvirt.sasl_user_set"](name, password, sasldb)
-        after = _sasl_changes(name, __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb))
+        __salt__["nova_libvirt.sasl_user_set"](name, password, sasldb, container)
+        after = _sasl_changes(name, __salt__["nova_libvirt.sasl_user_diff"](name, password, sasldb, container))
         if after:
             raise CommandExecutionError(f"{sasldb} still differs after saslpasswd2: {sorted(after)}")
         ret.update(changes=changes, comment=_sasl_comment(name, sasldb, changes, "was"))
@@ -152,4 +155,61 @@ def auth_conf_managed(name, owner="root", mode="0600"):
         ret.update(changes=changes, comment=f"{name} was written.")
     except (CommandExecutionError, SaltInvocationError, OSError) as exc:
         ret.update(result=False, changes={}, comment=str(exc))
+    return ret
+
+
+def libvirtd_ready(name, timeout=None):
+    """
+    Wait until libvirtd answers at ``name`` (``address:port``, for the
+    comment) after a container (re)start; no change is ever reported.
+
+    name
+        What is waited for, e.g. ``127.0.0.1:16509``.
+    timeout
+        Seconds (``nova_libvirt:container:ready_timeout``).
+    """
+    ret = _ret(name)
+    try:
+        waited = __salt__["nova_libvirt.wait_ready"](timeout)
+        ret["comment"] = f"libvirtd answers at {name}" + (f" (after {waited}s)." if waited >= 0.5 else ".")
+    except CommandExecutionError as exc:
+        # In test mode the container may not have been started yet.
+        ret.update(result=None if __opts__["test"] else False, comment=str(exc))
+    return ret
+
+
+def device_accessible(name, gid, mode="0660"):
+    """
+    Give the device ``name`` (``/dev/kvm``) the group ``gid`` and ``mode`` now,
+    as Kolla's udev rule does at the next event: QEMU in the container runs
+    with the image's qemu group, which must open it.
+
+    name
+        Device path.
+    gid
+        Numeric group ID (Kolla's qemu group: 42427).
+    mode
+        Octal mode string.
+    """
+    ret = _ret(name)
+    wanted = int(str(mode), 8)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        ret.update(result=False, comment=f"{name} does not exist.")
+        return ret
+    changes = {}
+    if st.st_gid != int(gid):
+        changes["group"] = {"old": st.st_gid, "new": int(gid)}
+    if stat.S_IMODE(st.st_mode) != wanted:
+        changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": f"{wanted:04o}"}
+    if not changes:
+        ret["comment"] = f"{name} is accessible to group {gid}."
+        return ret
+    if __opts__["test"]:
+        ret.update(result=None, changes=changes, comment=f"{name} would be given group {gid}, mode {mode}.")
+        return ret
+    os.chown(name, -1, int(gid))
+    os.chmod(name, wanted)
+    ret.update(changes=changes, comment=f"{name} now has group {gid}, mode {mode}.")
     return ret

@@ -5,7 +5,9 @@
 
 include:
   - {{ tplroot }}.config
-{%- if not config.container.enabled and config.host.manage_daemon %}
+{%- if config.container.enabled %}
+  - {{ tplroot }}.container
+{%- elif config.host.manage_daemon %}
   - {{ tplroot }}.host
 {%- endif %}
 {%- if config.tls.enabled and config.tls.manage_certs %}
@@ -16,7 +18,10 @@ nova_libvirt-tls-daemon-updated:
     - name: libvirtd
     - onchanges:
       - nova_libvirt_tls: nova_libvirt-tls-files-managed
-{%-   if not config.container.enabled and config.host.manage_daemon %}
+{%-   if config.container.enabled %}
+    - require:
+      - sls: {{ tplroot }}.container
+{%-   elif config.host.manage_daemon %}
     - require:
       - sls: {{ tplroot }}.host
 {%-   endif %}

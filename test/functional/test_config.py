@@ -71,7 +71,7 @@ def test_genconfig_test_mode_reports_every_file_and_writes_nothing(masterless, t
 def test_pillar_example_renders(masterless, tmp_path):
     example = salt.utils.yaml.safe_load((ROOT / "pillar.example").read_text())["nova_libvirt"]
     example["config_dir"] = str(tmp_path / "kolla")  # everything else as documented
-    ret = masterless.apply(pillar=example, test=True)
+    ret = masterless.apply("nova_libvirt.config", pillar=example, test=True)
     assert ret.returncode == 0, ret.stdout
     results = states(ret)
     assert all(st["result"] is None for st in results.values())

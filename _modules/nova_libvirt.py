@@ -1107,6 +1107,20 @@ def reload_tls():
 # --------------------------------------------------------------------------
 
 
+HOST_LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
+
+
+def _socket_answers(path):
+    """A live socket, not a file left by a daemon that is gone (/run is shared with the container)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def salt_client_timeout():
     """saltext-dockermod's default API timeout, for the client handed to it."""
     try:
@@ -1168,10 +1182,10 @@ def container_precheck():
     # keeps a single setting, nova_libvirt:container:engine_url, for both.
     __context__["docker.client"] = _docker_client(url, timeout=salt_client_timeout())
     existing = client.containers(all=True, filters={"name": f"^{spec['name']}$"})
-    if not existing and os.path.exists("/run/libvirt/libvirt-sock"):
+    if not existing and _socket_answers(HOST_LIBVIRT_SOCKET):
         raise CommandExecutionError(
-            "a host libvirtd is running (/run/libvirt/libvirt-sock exists) and the nova_libvirt container "
-            "is not there yet: stop the host libvirtd, or set container:enabled: false to use it"
+            f"a host libvirtd answers on {HOST_LIBVIRT_SOCKET} and the nova_libvirt container is not there "
+            "yet: stop the host libvirtd, or set container:enabled: false to use it"
         )
     return {"engine": spec["engine"], "url": url, "version": version.get("Version")}
 

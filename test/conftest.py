@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -123,6 +124,15 @@ def tree_snapshot(path):
     }
 
 
+def socket_answers(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 class Libvirtd:
     """A real libvirtd (and virtlogd) on this host, started the way Kolla's image does: ``--listen``."""
 
@@ -133,10 +143,15 @@ class Libvirtd:
         self.pki_dir = pki_dir
         self.pidfile = self.workdir / "libvirtd.pid"
         self.proc = None
+        self.started_virtlogd = False
 
     def start(self, timeout=30):
-        assert not os.path.exists("/run/libvirt/libvirt-sock"), "another libvirtd is running on this host"
-        subprocess.run(["virtlogd", "-d"], check=False)
+        probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True)
+        assert probe.returncode != 0, "another libvirtd is running on this host"
+        if not socket_answers("/run/libvirt/virtlogd-sock"):
+            # A removed container can leave its virtlogd's socket in the shared /run.
+            subprocess.run(["virtlogd", "-d"], check=True)
+            self.started_virtlogd = True
         env = dict(os.environ)
         if self.sasl_conf_dir:
             # Cyrus SASL reads libvirt.conf from here instead of /etc/sasl2.
@@ -157,10 +172,9 @@ class Libvirtd:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"libvirtd exited {self.proc.returncode}: {self.stderr()}")
-            if os.path.exists("/run/libvirt/libvirt-sock"):
-                probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True)
-                if probe.returncode == 0:
-                    return self
+            probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True)
+            if probe.returncode == 0:
+                return self
             time.sleep(0.2)
         raise RuntimeError(f"libvirtd did not answer within {timeout}s: {self.stderr()}")
 
@@ -175,7 +189,10 @@ class Libvirtd:
         return (self.workdir / "libvirtd.stderr").read_text(errors="replace")[-2000:]
 
     def virsh(self, *args, check=True, **kwargs):
-        return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=check, **kwargs)
+        ret = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False, **kwargs)
+        if check and ret.returncode:
+            raise AssertionError(f"virsh {' '.join(args)} failed: {ret.stderr}\n{self.stderr()}")
+        return ret
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -190,6 +207,9 @@ class Libvirtd:
                 self.proc.wait()
         if self.proc:
             self._log.close()
+        if self.started_virtlogd:
+            # The container's libvirtd would otherwise use this host virtlogd.
+            subprocess.run(["pkill", "-F", "/run/virtlogd.pid"], check=False)
 
 
 def domain_xml(name, virt_type="kvm", memory_mib=64):

@@ -171,6 +171,7 @@ RULES = {
         'a list of "source:destination[:options]"',
     ),
     "container:qemu_gid": POSITIVE_INT,
+    "container:run_dir": ABS_PATH,
     "container:ready_timeout": POSITIVE_INT,
     "host:manage_daemon": BOOL,
     "host:libvirtd_conf": ABS_PATH,
@@ -208,6 +209,8 @@ RULES = {
     "nova_compute:user": NAME,
     "cleanup:running_vms_fatal": BOOL,
     "cleanup:remove_volumes": BOOL,
+    "cleanup:keep_domains": BOOL,
+    "cleanup:host_uri": _expect(lambda v: isinstance(v, str) and "://" in v, "a libvirt URI"),
 }
 SECRET_KEYS = {"sasl:password", "tls:files"}
 
@@ -478,7 +481,7 @@ def _container_spec(cfg, nodename):
     binds = [
         f"{cfg['paths']['libvirt_dir']}:/var/lib/kolla/config_files:ro",
         "/lib/modules:/lib/modules:ro",
-        "/run:/run:shared",
+        f"{spec['run_dir']}:/run:shared",
         "/dev:/dev",
         "/sys/fs/cgroup:/sys/fs/cgroup",
     ]
@@ -1107,9 +1110,6 @@ def reload_tls():
 # --------------------------------------------------------------------------
 
 
-HOST_LIBVIRT_SOCKET = "/run/libvirt/libvirt-sock"
-
-
 def _socket_answers(path):
     """A live socket, not a file left by a daemon that is gone (/run is shared with the container)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -1139,12 +1139,15 @@ def _docker_client(url, timeout=10):
     return docker.APIClient(base_url=url, version="auto", timeout=timeout)
 
 
-def container_precheck():
+def container_precheck(deploy=True):
     """
     Check, before any state runs, that the container engine answers at
-    ``container:engine_url`` and that no host libvirtd holds libvirt's socket
-    while the container is not there yet (Kolla's precheck). Points the
-    saltext-dockermod states of this run at the same engine.
+    ``container:engine_url`` and, when deploying, that no host libvirtd holds
+    libvirt's socket while the container is not there yet (Kolla's precheck).
+    Points the saltext-dockermod states of this run at the same engine.
+
+    deploy
+        False for cleanup: a host libvirtd is then expected.
 
     Returns the engine's version.
 
@@ -1181,10 +1184,11 @@ def container_precheck():
     # makes one from docker.url only when none is there: handing it this one
     # keeps a single setting, nova_libvirt:container:engine_url, for both.
     __context__["docker.client"] = _docker_client(url, timeout=salt_client_timeout())
+    host_socket = os.path.join(spec["run_dir"], "libvirt", "libvirt-sock")
     existing = client.containers(all=True, filters={"name": f"^{spec['name']}$"})
-    if not existing and _socket_answers(HOST_LIBVIRT_SOCKET):
+    if deploy and not existing and _socket_answers(host_socket):
         raise CommandExecutionError(
-            f"a host libvirtd answers on {HOST_LIBVIRT_SOCKET} and the nova_libvirt container is not there "
+            f"a host libvirtd answers on {host_socket} and the nova_libvirt container is not there "
             "yet: stop the host libvirtd, or set container:enabled: false to use it"
         )
     return {"engine": spec["engine"], "url": url, "version": version.get("Version")}
@@ -1241,3 +1245,119 @@ def wait_ready(timeout=None):
                     f"{cfg['libvirtd']['log_dir']}/libvirtd.log"
                 ) from None
             time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------
+# Cleanup (Kolla's nova-libvirt-cleanup)
+# --------------------------------------------------------------------------
+
+# qemu-ga and qemu-img are not guests (Kolla's libvirt-cleanup.yml filter).
+NOT_GUESTS = ("qemu-ga", "qemu-img")
+
+
+def _guests_by_process_scan(container_id):
+    guests = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with salt.utils.files.fopen(f"/proc/{pid}/comm") as handle:
+                comm = handle.read().strip()
+            if not comm.startswith("qemu") or comm.startswith(NOT_GUESTS):
+                continue
+            with salt.utils.files.fopen(f"/proc/{pid}/cgroup") as handle:
+                cgroup = handle.read()
+            with salt.utils.files.fopen(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        # With the host PID namespace every guest on the host is visible:
+        # only those in the container's cgroup are its own.
+        if container_id and container_id not in cgroup:
+            continue
+        name = next((a.decode()[len("guest="):].split(",")[0] for a in argv if a.startswith(b"guest=")), f"pid {pid}")
+        guests.append(name)
+    return sorted(guests)
+
+
+def container_guests():
+    """
+    The guests running in the nova_libvirt container: asked of the
+    container's libvirt first (``virsh list`` inside it), else found by a scan
+    of the container's processes (``qemu*`` but qemu-ga and qemu-img).
+
+    Returns ``{"container": bool, "running": [names], "method": str}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.container_guests
+    """
+    info = container_info()
+    if info is None:
+        return {"container": False, "running": [], "method": "no container"}
+    name = _settings()["container"]["name"]
+    if info["state"] == "running":
+        try:
+            out = _run(_in_container(name, ["virsh", "-r", "-c", "qemu:///system", "list", "--name"]), env=_engine_env())
+            return {"container": True, "running": sorted(filter(None, out.split())), "method": "libvirt API"}
+        except CommandExecutionError as exc:
+            log.info("nova_libvirt: the container's libvirt does not answer (%s): scanning processes", exc)
+    return {"container": True, "running": _guests_by_process_scan(info["id"]), "method": "process scan"}
+
+
+def container_domain_definitions():
+    """
+    The persistent guest definitions of the container's libvirt (the
+    ``nova_libvirt_qemu`` volume), as ``{name: inactive XML}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.container_domain_definitions
+    """
+    info = container_info()
+    if info is None or info["state"] != "running":
+        return {}
+    name, env = _settings()["container"]["name"], _engine_env()
+    virsh = ["virsh", "-c", "qemu:///system"]
+    names = _run(_in_container(name, virsh + ["list", "--all", "--persistent", "--name"]), env=env).split()
+    return {
+        dom: _run(_in_container(name, virsh + ["dumpxml", "--inactive", "--security-info", dom]), env=env)
+        for dom in names
+    }
+
+
+def define_domains(definitions, uri=None):
+    """
+    Define guests from ``{name: XML}`` in the libvirt at ``uri`` (default
+    ``cleanup:host_uri``), skipping those already there. Returns the names
+    defined.
+    """
+    libvirt = _import_libvirt()
+    uri = uri or _settings()["cleanup"]["host_uri"]
+    missing = missing_domains(definitions, uri)
+    conn = _open(uri)
+    try:
+        for dom_name in missing:
+            try:
+                conn.defineXML(definitions[dom_name])
+            except libvirt.libvirtError as exc:
+                raise CommandExecutionError(f"cannot define {dom_name} in {uri}: {exc}") from None
+    finally:
+        conn.close()
+    return missing
+
+
+def missing_domains(definitions, uri=None):
+    """The names of ``definitions`` not yet defined in the libvirt at ``uri``."""
+    libvirt = _import_libvirt()
+    uri = uri or _settings()["cleanup"]["host_uri"]
+    conn = _open(uri)
+    try:
+        present = set(conn.listDefinedDomains()) | {conn.lookupByID(i).name() for i in conn.listDomainsID()}
+    except libvirt.libvirtError as exc:
+        raise CommandExecutionError(_explain(exc, uri)) from None
+    finally:
+        conn.close()
+    return sorted(set(definitions) - present)

@@ -213,3 +213,66 @@ def device_accessible(name, gid, mode="0660"):
     os.chmod(name, wanted)
     ret.update(changes=changes, comment=f"{name} now has group {gid}, mode {mode}.")
     return ret
+
+
+def guests_absent(name, fatal=True):
+    """
+    Refuse to go on while guests run in the nova_libvirt container ``name``
+    (Kolla's cleanup check); with ``fatal: false`` only report them.
+
+    name
+        The container's name.
+    fatal
+        ``nova_libvirt:cleanup:running_vms_fatal``.
+    """
+    ret = _ret(name)
+    try:
+        found = __salt__["nova_libvirt.container_guests"]()
+    except CommandExecutionError as exc:
+        ret.update(result=False, comment=str(exc))
+        return ret
+    if not found["container"]:
+        ret["comment"] = f"There is no {name} container."
+    elif not found["running"]:
+        ret["comment"] = f"No guests run in {name} (asked by {found['method']})."
+    elif fatal:
+        ret.update(
+            result=False,
+            comment=f"Refusing to remove {name} with running guests: {', '.join(found['running'])} "
+            f"(found by {found['method']}). Migrate them away, or set nova_libvirt:cleanup:running_vms_fatal: false.",
+        )
+    else:
+        ret["comment"] = (
+            f"Guests running in {name}: {', '.join(found['running'])}; going on (running_vms_fatal: false): "
+            "they stop with the container."
+        )
+    return ret
+
+
+def domains_kept(name, uri):
+    """
+    Define the persistent guests of the nova_libvirt container in the host
+    libvirtd at ``uri`` before the container goes, so stopped guests survive
+    the move to host libvirt.
+
+    name
+        The container's name.
+    uri
+        The host libvirtd (``nova_libvirt:cleanup:host_uri``).
+    """
+    ret = _ret(name)
+    try:
+        definitions = __salt__["nova_libvirt.container_domain_definitions"]()
+        missing = __salt__["nova_libvirt.missing_domains"](definitions, uri) if definitions else []
+        if not missing:
+            ret["comment"] = f"Every guest definition of {name} is in {uri}." if definitions else f"{name} defines no guests."
+            return ret
+        changes = {"defined": missing}
+        if __opts__["test"]:
+            ret.update(result=None, changes=changes, comment=f"Would define in {uri}: {', '.join(missing)}.")
+            return ret
+        defined = __salt__["nova_libvirt.define_domains"](definitions, uri)
+        ret.update(changes={"defined": defined}, comment=f"Defined in {uri}: {', '.join(defined)}.")
+    except CommandExecutionError as exc:
+        ret.update(result=False, changes={}, comment=str(exc))
+    return ret

@@ -63,6 +63,21 @@ def state_tree(tmp_path_factory):
     return copy_formula(tmp_path_factory.mktemp("state-tree"))
 
 
+@pytest.fixture(scope="session")
+def kolla_image():
+    """Podman's Docker API running, and the offline Kolla-compatible nova-libvirt image (cached)."""
+    subprocess.run([str(ROOT / "test" / "image" / "podman-setup.sh")], check=True)
+    built = subprocess.run([str(ROOT / "test" / "image" / "build-image.sh")], check=True, capture_output=True, text=True)
+    return built.stdout.strip().splitlines()[-1]
+
+
+def restore_kvm_device():
+    """Undo the container's kvm fix-ups on this test host."""
+    subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=False)
+    if os.path.exists("/etc/udev/rules.d/99-kolla-kvm.rules"):
+        os.unlink("/etc/udev/rules.d/99-kolla-kvm.rules")
+
+
 class Masterless:
     """``salt-call --local`` with a pillar written as a real pillar file."""
 
@@ -102,6 +117,62 @@ def masterless(salt_factories, state_tree, tmp_path_factory):
     return runner
 
 
+class Fleet:
+    """A real salt-master and minions on 127.0.0.1, each minion with its own ``nova_libvirt`` pillar."""
+
+    def __init__(self, salt_factories, state_tree, base, pillars, extra_file_roots=()):
+        self.base, self.pillars = base, pillars
+        self.ids = {key: random_string(f"cmp-{key}-") for key in pillars}
+        self.pillar_root = base / "pillar"
+        self.pillar_root.mkdir(parents=True, exist_ok=True)
+        self.write_pillar()
+        self.master = salt_factories.salt_master_daemon(
+            random_string("master-"),
+            overrides={
+                "file_roots": {"base": [str(state_tree), *map(str, extra_file_roots)]},
+                "pillar_roots": {"base": [str(self.pillar_root)]},
+                "interface": "127.0.0.1",
+            },
+        )
+        self.minions = {}
+
+    def write_pillar(self):
+        top = {"base": {self.ids[key]: [f"compute_{key}"] for key in self.ids}}
+        (self.pillar_root / "top.sls").write_text(salt.utils.yaml.safe_dump(top))
+        for key, pillar in self.pillars.items():
+            (self.pillar_root / f"compute_{key}.sls").write_text(salt.utils.yaml.safe_dump({"nova_libvirt": pillar}))
+
+    def __enter__(self):
+        self.master.start()
+        for key, minion_id in self.ids.items():
+            self.minions[key] = self.master.salt_minion_daemon(minion_id)
+            self.minions[key].start()
+        self.cli = self.master.salt_cli(timeout=240)
+        self.run = self.master.salt_run_cli(timeout=300)
+        assert self.cli.run("saltutil.sync_all", minion_tgt="cmp-*").returncode == 0
+        assert self.run.run("saltutil.sync_all").returncode == 0
+        return self
+
+    def __exit__(self, *exc):
+        for minion in self.minions.values():
+            minion.terminate()
+        self.master.terminate()
+
+    def apply(self, key, sls="nova_libvirt", test=False):
+        self.write_pillar()
+        self.cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt=self.ids[key])
+        return self.cli.run("state.apply", sls, *(["test=True"] if test else []), minion_tgt=self.ids[key])
+
+    def call(self, key, *args):
+        return self.cli.run(*args, minion_tgt=self.ids[key])
+
+
+def minion_states(ret):
+    """State results of one minion's state.apply through the master, keyed by state ID."""
+    assert isinstance(ret.data, dict), f"no state data: {ret.stdout}\n{ret.stderr}"
+    return {key.split("_|-")[1]: value for key, value in ret.data.items()}
+
+
 def states(ret):
     """State results of a state.apply, keyed by state ID."""
     assert isinstance(ret.data, dict), f"no state data: {ret.stdout}\n{ret.stderr}"
@@ -136,11 +207,12 @@ def socket_answers(path):
 class Libvirtd:
     """A real libvirtd (and virtlogd) on this host, started the way Kolla's image does: ``--listen``."""
 
-    def __init__(self, conf, sasl_conf_dir, workdir, pki_dir=None):
+    def __init__(self, conf, sasl_conf_dir, workdir, pki_dir=None, listen=True):
         self.conf, self.sasl_conf_dir, self.workdir = conf, sasl_conf_dir, pathlib.Path(workdir)
         # virt-admin server-update-tls re-reads libvirt's default /etc/pki only:
         # give this daemon a private mount namespace where /etc/pki is pki_dir.
         self.pki_dir = pki_dir
+        self.listen = listen
         self.pidfile = self.workdir / "libvirtd.pid"
         self.proc = None
         self.started_virtlogd = False
@@ -157,7 +229,7 @@ class Libvirtd:
             # Cyrus SASL reads libvirt.conf from here instead of /etc/sasl2.
             env["SASL_CONF_PATH"] = str(self.sasl_conf_dir)
         log = open(self.workdir / "libvirtd.stderr", "ab")  # noqa: SIM115 - closed in stop()
-        argv = ["libvirtd", "-f", str(self.conf), "-p", str(self.pidfile), "--listen"]
+        argv = ["libvirtd", "-f", str(self.conf), "-p", str(self.pidfile)] + (["--listen"] if self.listen else [])
         if self.pki_dir:
             os.makedirs("/etc/pki", exist_ok=True)
             argv = ["unshare", "-m", "sh", "-c", f'mount --bind "{self.pki_dir}" /etc/pki && exec "$@"', "sh", *argv]

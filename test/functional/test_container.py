@@ -10,7 +10,7 @@ import subprocess
 import docker
 import pytest
 
-from conftest import PASSWORD, ROOT, changed, domain_xml, states, tree_snapshot
+from conftest import PASSWORD, changed, domain_xml, restore_kvm_device, states, tree_snapshot
 
 PORT = 16630
 URI = f"qemu+tcp://127.0.0.1:{PORT}/system"
@@ -27,10 +27,8 @@ pytestmark = pytest.mark.container
 
 
 @pytest.fixture(scope="module")
-def image():
-    subprocess.run([str(ROOT / "test" / "image" / "podman-setup.sh")], check=True)
-    built = subprocess.run([str(ROOT / "test" / "image" / "build-image.sh")], check=True, capture_output=True, text=True)
-    return built.stdout.strip().splitlines()[-1]
+def image(kolla_image):
+    return kolla_image
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +44,7 @@ def engine(image):
             client.remove_volume(volume)
         except docker.errors.NotFound:
             pass
-    # What the formula's kvm fix-ups changed on the host (issue: cleanup does this for operators).
-    subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=False)
-    if os.path.exists("/etc/udev/rules.d/99-kolla-kvm.rules"):
-        os.unlink("/etc/udev/rules.d/99-kolla-kvm.rules")
+    restore_kvm_device()
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from saltfactories.utils import random_string
 
-from conftest import PASSWORD, Libvirtd, changed, domain_xml, states, tree_snapshot
+from conftest import PASSWORD, Fleet, Libvirtd, domain_xml, minion_states, tree_snapshot
 
 PORT = 16614
 
@@ -33,10 +32,8 @@ PORT = 16614
 @pytest.fixture(scope="module")
 def tls_env(salt_factories, state_tree, tmp_path_factory):
     base = tmp_path_factory.mktemp("tls")
-    tls_root, pillar_root = base / "tls-root", base / "pillar"
+    tls_root = base / "tls-root"
     (tls_root / "nova_libvirt_tls").mkdir(parents=True)
-    pillar_root.mkdir()
-    ids = {"a": random_string("cmp-a-"), "b": random_string("cmp-b-")}
     pillars = {
         "a": {
             "config_dir": str(base / "a" / "kolla"),
@@ -63,51 +60,13 @@ def tls_env(salt_factories, state_tree, tmp_path_factory):
             "libvirtd": {"log_dir": str(base / "b" / "log")},
         },
     }
-    env = type("TlsEnv", (), {})()
-    env.base, env.ids, env.pillars, env.tls_dir = base, ids, pillars, tls_root / "nova_libvirt_tls"
-    env.pillar_root = pillar_root
-    env.write_pillar = lambda: _write_pillar(env)
-    env.write_pillar()
-    master = salt_factories.salt_master_daemon(
-        random_string("master-"),
-        overrides={
-            "file_roots": {"base": [str(state_tree), str(tls_root)]},
-            "pillar_roots": {"base": [str(pillar_root)]},
-            "interface": "127.0.0.1",
-        },
-    )
-    with master.started():
-        minions = {k: master.salt_minion_daemon(ids[k]) for k in ids}
-        for minion in minions.values():
-            minion.start()
-        env.master, env.minions = master, minions
-        env.cli = master.salt_cli(timeout=180)
-        env.run = master.salt_run_cli(timeout=180)
-        ret = env.cli.run("saltutil.sync_all", minion_tgt="cmp-*")
-        assert ret.returncode == 0, ret.stderr
-        assert env.run.run("saltutil.sync_all").returncode == 0
-        yield env
-        for minion in minions.values():
-            minion.terminate()
-
-
-def _write_pillar(env):
-    import salt.utils.yaml
-
-    top = {"base": {env.ids[k]: [f"compute_{k}"] for k in env.ids}}
-    (env.pillar_root / "top.sls").write_text(salt.utils.yaml.safe_dump(top))
-    for key, pillar in env.pillars.items():
-        (env.pillar_root / f"compute_{key}.sls").write_text(salt.utils.yaml.safe_dump({"nova_libvirt": pillar}))
+    with Fleet(salt_factories, state_tree, base, pillars, extra_file_roots=[tls_root]) as fleet:
+        fleet.tls_dir = tls_root / "nova_libvirt_tls"
+        yield fleet
 
 
 def apply(env, key, sls="nova_libvirt", test=False):
-    env.cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt=env.ids[key])
-    args = ["state.apply", sls] + (["test=True"] if test else [])
-    return env.cli.run(*args, minion_tgt=env.ids[key])
-
-
-def minion_states(ret):
-    return {k.split("_|-")[1]: v for k, v in ret.data.items()} if isinstance(ret.data, dict) else ret.data
+    return env.apply(key, sls, test=test)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +106,7 @@ def tls_libvirtd(applied):
 
 
 def list_domains(env, key, *args):
-    return env.cli.run("nova_libvirt.list_domains", *args, minion_tgt=env.ids[key])
+    return env.call(key, "nova_libvirt.list_domains", *args)
 
 
 def test_files_land_with_the_right_bytes_modes_and_places(applied):
@@ -339,7 +298,6 @@ def test_invalid_material_fails_and_writes_nothing(applied, tls_libvirtd, tmp_pa
 def test_externally_managed_certs_are_checked_not_written(applied, tls_libvirtd):
     env = applied[0]
     env.pillars["b"]["tls"]["manage_certs"] = False
-    env.write_pillar()
     try:
         client_key = env.base / "b" / "kolla" / "nova-compute" / "clientkey.pem"
         saved = client_key.read_bytes()
@@ -356,8 +314,7 @@ def test_externally_managed_certs_are_checked_not_written(applied, tls_libvirtd)
         assert tls_state["result"] is True and "files in place are valid" in tls_state["comment"]
     finally:
         env.pillars["b"]["tls"]["manage_certs"] = True
-        env.write_pillar()
-
+    
 
 def test_generated_certificates_pass_openssl_and_virt_pki_validate_checks(applied):
     env = applied[0]

@@ -1,43 +1,71 @@
 #!/usr/bin/env bash
-# `make demo`: apply the formula masterless on this machine and show what a
-# nova-compute operator cares about: the connection URI nova-compute will use
-# and the domains listed through it, with a real guest running.
+# `make demo`: apply the formula masterless on this machine in its default
+# mode, libvirt in Kolla's nova_libvirt container, and show what a
+# nova-compute operator cares about: the container, the connection URI
+# nova-compute will use, and the domains listed through it.
 #
-# Mode: the host libvirtd, managed by the formula (no init system here, so
-# this script starts libvirtd from the files the formula rendered).
-# Everything lives under $DEMO_DIR (default /var/tmp/nova_libvirt-demo);
-# undo with: scripts/demo.sh clean
+# Engine: Podman through its Docker Engine API (this machine has no Docker
+# engine). Image: Kolla's published one when it can be pulled, else one built
+# here offline (test/image/build-image.sh).
+#
+# Changes on this machine: Debian packages and .venv (scripts/setup.sh),
+# Podman's API service, the image, the container nova_libvirt and its five
+# volumes, /etc/udev/rules.d/99-kolla-kvm.rules and /dev/kvm's group (kvm
+# fix-ups), /lib/modules (created if missing), and $DEMO_DIR.
+# Undo: scripts/demo.sh clean (the formula's own cleanup, then $DEMO_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DEMO_DIR=${DEMO_DIR:-/var/tmp/nova_libvirt-demo}
+DEFAULT_IMAGE=quay.io/openstack.kolla/nova-libvirt:2026.1-rocky-10
 SALT_CALL=("$ROOT/.venv/bin/salt-call" -c "$DEMO_DIR/etc" --local)
+URI_PORT=16509
 
 # value FUNCTION [PYTHON-EXPRESSION on `r`]: one value out of a salt-call return.
 value() {
   "${SALT_CALL[@]}" "$1" --out=json | python3 -c "import json,sys; r=next(iter(json.load(sys.stdin).values())); print(${2:-r})"
 }
 
-stop_libvirtd() {
-  if [ -f "$DEMO_DIR/libvirtd.pid" ] && kill -0 "$(cat "$DEMO_DIR/libvirtd.pid")" 2>/dev/null; then
-    virsh -q -c qemu:///system destroy demo-guest >/dev/null 2>&1 || true
-    virsh -q -c qemu:///system undefine demo-guest >/dev/null 2>&1 || true
-    kill "$(cat "$DEMO_DIR/libvirtd.pid")"
-    sleep 1
-  fi
+write_pillar() {  # write_pillar IMAGE TAG ENABLED
+  (umask 077; cat > "$DEMO_DIR/pillar/nova.sls" <<EOF
+nova_libvirt:
+  virt_type: auto
+  config_dir: $DEMO_DIR/kolla
+  listen_address: 127.0.0.1
+  sasl:
+    password: $(cat "$DEMO_DIR/pillar/password")
+  # This machine forbids raising hard rlimits: Kolla's 32768/131072 cannot be set.
+  qemu: {max_files: 16000, max_processes: 16000}
+  container:
+    enabled: $3
+    engine: podman
+    image: $1
+    tag: $2
+  cleanup: {running_vms_fatal: false, remove_volumes: true}
+EOF
+  )
+}
+
+virsh_nova() {  # virsh as nova-compute connects: TCP, SASL credentials from its auth.conf
+  LIBVIRT_AUTH_FILE="$DEMO_DIR/kolla/nova-compute/auth.conf" virsh -q -c "qemu+tcp://127.0.0.1:$URI_PORT/system" "$@"
 }
 
 if [ "${1:-}" = clean ]; then
-  stop_libvirtd
+  if [ -f "$DEMO_DIR/pillar/image" ]; then
+    read -r image tag < "$DEMO_DIR/pillar/image"
+    write_pillar "$image" "$tag" false
+    echo "== salt-call --local state.apply nova_libvirt.clean (container disabled, volumes removed)"
+    "${SALT_CALL[@]}" state.apply nova_libvirt.clean -l warning --state-output=terse
+  fi
   rm -rf "$DEMO_DIR"
-  echo "demo: removed $DEMO_DIR"
+  echo "demo: removed $DEMO_DIR. Left in place: packages, .venv, Podman's API service and the image."
   exit 0
 fi
 
 mkdir -p "$DEMO_DIR"/{etc,pillar,srv}
 chmod 700 "$DEMO_DIR"
 for part in nova_libvirt _modules _states _runners; do
-  [ -d "$part" ] && rm -rf "$DEMO_DIR/srv/$part" && cp -r "$part" "$DEMO_DIR/srv/"
+  rm -rf "${DEMO_DIR:?}/srv/$part" && cp -r "$part" "$DEMO_DIR/srv/"
 done
 cat > "$DEMO_DIR/etc/minion" <<EOF
 id: demo-compute
@@ -46,54 +74,51 @@ root_dir: $DEMO_DIR/root
 file_roots: {base: [$DEMO_DIR/srv]}
 pillar_roots: {base: [$DEMO_DIR/pillar]}
 EOF
-if [ ! -f "$DEMO_DIR/pillar/password" ]; then
-  (umask 077; head -c 30 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40 > "$DEMO_DIR/pillar/password")
-fi
 printf "base:\n  '*':\n    - nova\n" > "$DEMO_DIR/pillar/top.sls"
-(umask 077; cat > "$DEMO_DIR/pillar/nova.sls" <<EOF
-nova_libvirt:
-  virt_type: auto
-  config_dir: $DEMO_DIR/kolla
-  listen_address: 127.0.0.1
-  container: {enabled: false}
-  host:
-    manage_daemon: true
-    libvirtd_conf: $DEMO_DIR/libvirt/libvirtd.conf
-    sasl_conf: $DEMO_DIR/sasl2/libvirt.conf
-    service: null
-  sasl:
-    password: $(cat "$DEMO_DIR/pillar/password")
-    sasldb_path: $DEMO_DIR/libvirt/passwd.db
-  libvirtd: {log_dir: $DEMO_DIR/log}
-EOF
-)
+if [ ! -f "$DEMO_DIR/pillar/password" ]; then
+  (umask 077; head -c 60 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 40 > "$DEMO_DIR/pillar/password")
+fi
+
+echo "== Podman's Docker Engine API"
+test/image/podman-setup.sh
+echo "== image: $DEFAULT_IMAGE"
+if timeout 60 podman pull -q "$DEFAULT_IMAGE" >/dev/null 2>&1; then
+  image=${DEFAULT_IMAGE%:*} tag=${DEFAULT_IMAGE##*:}
+else
+  echo "   cannot be pulled here (no registry is reachable): building the Kolla-compatible image offline"
+  built=$(test/image/build-image.sh | tail -n1)
+  image=${built%:*} tag=${built##*:}
+fi
+echo "$image $tag" > "$DEMO_DIR/pillar/image"
+write_pillar "$image" "$tag" true
 
 echo "== salt-call --local saltutil.sync_all"
 "${SALT_CALL[@]}" saltutil.sync_all -l warning >/dev/null
 echo "== salt-call --local state.apply nova_libvirt"
 "${SALT_CALL[@]}" state.apply nova_libvirt -l warning --state-output=terse
 
-stop_libvirtd
-virtlogd -d 2>/dev/null || true
-SASL_CONF_PATH="$DEMO_DIR/sasl2" libvirtd -d -f "$DEMO_DIR/libvirt/libvirtd.conf" -p "$DEMO_DIR/libvirtd.pid" --listen
-for _ in $(seq 50); do virsh -q -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
-
 virt_type=$(value nova_libvirt.virt_type)
 cat > "$DEMO_DIR/guest.xml" <<EOF
 <domain type='$virt_type'><name>demo-guest</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>
 EOF
-virsh -q -c qemu:///system define "$DEMO_DIR/guest.xml" >/dev/null
-virsh -q -c qemu:///system start demo-guest >/dev/null
+virsh_nova destroy demo-guest >/dev/null 2>&1 || true
+virsh_nova undefine demo-guest >/dev/null 2>&1 || true
+virsh_nova define "$DEMO_DIR/guest.xml" >/dev/null
+virsh_nova start demo-guest >/dev/null
 
-echo "== second apply (expect no changes)"
-"${SALT_CALL[@]}" state.apply nova_libvirt -l warning --state-output=terse | tail -4
+echo "== second apply: nothing changes, the container is not restarted"
+"${SALT_CALL[@]}" state.apply nova_libvirt -l warning --state-output=terse | tail -6
+echo
+echo "== the container"
+podman ps --filter name=nova_libvirt --format '{{.Names}}  {{.Image}}  {{.Status}}'
 echo
 echo "== what nova-compute gets"
 echo "virt_type:       $virt_type ($(value nova_libvirt.settings 'r["virt_type_reason"]'))"
 echo "connection_uri:  $(value nova_libvirt.settings 'r["connection_uri"]')"
 echo "nova.conf:       $DEMO_DIR/kolla/nova-compute/nova.conf.d/libvirt.conf"
-echo "== salt-call nova_libvirt.list_domains (over TCP with SASL, as nova-compute)"
+echo
+echo "== salt-call nova_libvirt.list_domains (through the container's libvirtd, TCP + SASL, as nova-compute)"
 "${SALT_CALL[@]}" nova_libvirt.list_domains --out=yaml
 echo
 echo "Undo: scripts/demo.sh clean"

@@ -234,3 +234,43 @@ def test_auth_conf_text_is_kollas():
 def test_config_json_is_json_serialisable():
     cfg, _ = build({"sasl": {"password": "pw"}, "tls": {"enabled": True}})
     assert json.loads(json.dumps(cfg["render"]["config_json"]))["command"] == "/usr/local/bin/kolla_nova_libvirt_start"
+
+
+def test_pillar_example_documents_every_key_and_validates():
+    example = salt.utils.yaml.safe_load((ROOT / "pillar.example").read_text())["nova_libvirt"]
+    merged, errors = mod._merge_and_validate(DEFAULTS, example)
+    assert errors == []
+
+    def keys(tree, path=""):
+        for key, value in tree.items():
+            where = f"{path}:{key}" if path else key
+            if where not in mod.RULES and isinstance(value, dict):
+                yield from keys(value, where)
+            else:
+                yield where
+
+    assert set(keys(example)) == set(mod.RULES)
+
+
+def test_container_spec_is_kollas():
+    cfg, _ = build({"sasl": {"password": "pw"}, "container": {"extra_volumes": ["/srv/a:/srv/a"]}})
+    spec = cfg["container"]
+    assert spec["image_ref"] == "quay.io/openstack.kolla/nova-libvirt:2026.1-rocky-10"
+    assert spec["engine_url"] == "unix:///var/run/docker.sock"
+    assert spec["binds"] == [
+        "/etc/kolla/nova-libvirt:/var/lib/kolla/config_files:ro",
+        "/lib/modules:/lib/modules:ro",
+        "/run:/run:shared",
+        "/dev:/dev",
+        "/sys/fs/cgroup:/sys/fs/cgroup",
+        "libvirtd:/var/lib/libvirt",
+        "nova_libvirt_qemu:/etc/libvirt/qemu",
+        "nova_libvirt_secrets:/etc/libvirt/secrets",
+        "kolla_logs:/var/log/kolla",
+        "nova_compute:/var/lib/nova",
+        "/srv/a:/srv/a",
+    ]
+    assert spec["kvm_udev_rule"] == 'KERNEL=="kvm", GROUP="42427", MODE="0660"'
+    assert build({"sasl": {"password": "pw"}, "container": {"engine": "podman"}})[0]["container"]["engine_url"] == (
+        "unix:///run/podman/podman.sock"
+    )

@@ -39,6 +39,7 @@ import pwd
 import re
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import time
@@ -1010,6 +1011,26 @@ def sasl_user_set(authname, password, sasldb, container=None):
             _run(_in_container(container, argv), env=env)
     _run(_in_container(container, ["chmod", "0600", sasldb]), env=env)
     return diff
+
+
+def metadata_changes(path, mode, uid=None, gid=None):
+    """
+    How ``path``'s mode (and owner, group, when given) differ from the wanted
+    ones, as state changes: ``{"mode": {"old", "new"}, ...}``; ``None`` when
+    ``path`` does not exist.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    changes = {}
+    if stat.S_IMODE(st.st_mode) != mode:
+        changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": f"{mode:04o}"}
+    if uid is not None and st.st_uid != uid:
+        changes["owner"] = {"old": st.st_uid, "new": uid}
+    if gid is not None and st.st_gid != gid:
+        changes["group"] = {"old": st.st_gid, "new": gid}
+    return changes
 
 
 def write_secret_file(path, text, owner="root", mode=0o600):

@@ -282,8 +282,8 @@ def describe(content):
             "subject": cert.subject.rfc4514_string(),
             "issuer": cert.issuer.rfc4514_string(),
             "serial": f"{cert.serial_number:x}",
-            "not_before": _not_before(cert).isoformat(),
-            "not_after": _not_after(cert).isoformat(),
+            "not_before": cert.not_valid_before_utc.isoformat(),
+            "not_after": cert.not_valid_after_utc.isoformat(),
             "dns_names": dns,
             "ip_addresses": ips,
             "ca": _is_ca(cert) is True,
@@ -592,8 +592,8 @@ def _check_leaf(where, cert, server, now, warn_days, errors, warnings):
 
 
 def _check_times(label, cert, now, warn_days, errors, warnings):
-    not_before = _not_before(cert)
-    not_after = _not_after(cert)
+    not_before = cert.not_valid_before_utc
+    not_after = cert.not_valid_after_utc
     if not_after <= now:
         errors.append(
             f"{label}: expired on {_fmt(not_after)}; libvirt refuses expired "
@@ -753,18 +753,6 @@ def _san_values(cert):
     return dns, ips
 
 
-def _not_before(cert):
-    try:
-        return cert.not_valid_before_utc
-    except AttributeError:  # cryptography < 42
-        return cert.not_valid_before.replace(tzinfo=timezone.utc)
-
-
-def _not_after(cert):
-    try:
-        return cert.not_valid_after_utc
-    except AttributeError:  # cryptography < 42
-        return cert.not_valid_after.replace(tzinfo=timezone.utc)
 
 
 def _subject(cert):

@@ -264,7 +264,7 @@ def generate_certificates(
             "path": os.path.join(dest, CA_CERT),
             "subject": ca_cert.subject.rfc4514_string(),
             "fingerprint": _hex(ca_cert.fingerprint(hashes.SHA256())),
-            "not_after": _not_after(ca_cert).isoformat(),
+            "not_after": ca_cert.not_valid_after_utc.isoformat(),
         }
 
         if per_host:
@@ -585,14 +585,14 @@ def _ensure_ca(dest, key_path, params, now, ret):
             f"restore the matching pair, or {renew}"
         )
         return None, None
-    if _not_after(cert) <= now:
+    if cert.not_valid_after_utc <= now:
         ret["errors"].append(
-            f"The CA certificate {cert_path} expired on {_fmt(_not_after(cert))}; {renew}"
+            f"The CA certificate {cert_path} expired on {_fmt(cert.not_valid_after_utc)}; {renew}"
         )
         return None, None
-    if _not_after(cert) - now < RENEW_BEFORE:
+    if cert.not_valid_after_utc - now < RENEW_BEFORE:
         ret["warnings"].append(
-            f"The CA certificate {cert_path} expires on {_fmt(_not_after(cert))}; "
+            f"The CA certificate {cert_path} expires on {_fmt(cert.not_valid_after_utc)}; "
             f"host certificates cannot outlive it. Plan a CA change: {renew}"
         )
     _record(ret, key_path, _write(key_path, key_pem, KEY_MODE))
@@ -653,8 +653,8 @@ def _ensure_bundle(directory, dns, ips, ca_key, ca_cert, params, now):
     cert = _load_cert(cert_pem) if cert_pem is not None else None
     if cert is None or not _cert_current(cert, key, ca_cert, subject, dns, ips, params, now):
         not_after = now + timedelta(days=params.days)
-        if not_after > _not_after(ca_cert):
-            not_after = _not_after(ca_cert)
+        if not_after > ca_cert.not_valid_after_utc:
+            not_after = ca_cert.not_valid_after_utc
             outcome["warnings"].append(
                 f"{paths[SERVER_CERT]}: validity cut to the CA's expiry "
                 f"{_fmt(not_after)}; the CA needs renewing (force=True) before then"
@@ -691,7 +691,7 @@ def _cert_current(cert, key, ca_cert, subject, dns, ips, params, now):
         cert.verify_directly_issued_by(ca_cert)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
         return False
-    if _not_before(cert) > now or _not_after(cert) - now < params.renew_before:
+    if cert.not_valid_before_utc > now or cert.not_valid_after_utc - now < params.renew_before:
         return False
     try:
         san = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
@@ -881,18 +881,6 @@ def _record(ret, path, changed):
     ret["changed" if changed else "unchanged"].append(path)
 
 
-def _not_before(cert):
-    try:
-        return cert.not_valid_before_utc
-    except AttributeError:  # cryptography < 42
-        return cert.not_valid_before.replace(tzinfo=timezone.utc)
-
-
-def _not_after(cert):
-    try:
-        return cert.not_valid_after_utc
-    except AttributeError:  # cryptography < 42
-        return cert.not_valid_after.replace(tzinfo=timezone.utc)
 
 
 def _fmt(moment):

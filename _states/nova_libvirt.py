@@ -23,7 +23,6 @@ what would change without the secret.
 import logging
 import os
 import pwd
-import stat
 
 import salt.utils.files
 from salt.exceptions import CommandExecutionError, SaltInvocationError
@@ -129,22 +128,13 @@ def auth_conf_managed(name, owner="root", mode="0600"):
         except KeyError:
             account = pwd.getpwnam("root")
         wanted_mode = int(str(mode), 8)
-        changes = {}
-        try:
-            st = os.stat(name)
-            with salt.utils.files.fopen(name) as handle:
-                current = handle.read()
-        except FileNotFoundError:
-            st, current = None, None
-        if current is None:
-            changes["file"] = "created"
+        changes = __salt__["nova_libvirt.metadata_changes"](name, wanted_mode, account.pw_uid, account.pw_gid)
+        if changes is None:
+            changes = {"file": "created"}
         else:
-            if current != text:
-                changes["content"] = "updated (not shown: it holds the SASL password)"
-            if stat.S_IMODE(st.st_mode) != wanted_mode:
-                changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": f"{wanted_mode:04o}"}
-            if st.st_uid != account.pw_uid or st.st_gid != account.pw_gid:
-                changes["owner"] = {"old": f"{st.st_uid}:{st.st_gid}", "new": f"{account.pw_uid}:{account.pw_gid}"}
+            with salt.utils.files.fopen(name) as handle:
+                if handle.read() != text:
+                    changes["content"] = "updated (not shown: it holds the SASL password)"
         if not changes:
             ret["comment"] = f"{name} is in the correct state."
             return ret
@@ -193,16 +183,10 @@ def device_accessible(name, gid, mode="0660"):
     """
     ret = _ret(name)
     wanted = int(str(mode), 8)
-    try:
-        st = os.stat(name)
-    except FileNotFoundError:
+    changes = __salt__["nova_libvirt.metadata_changes"](name, wanted, gid=int(gid))
+    if changes is None:
         ret.update(result=False, comment=f"{name} does not exist.")
         return ret
-    changes = {}
-    if st.st_gid != int(gid):
-        changes["group"] = {"old": st.st_gid, "new": int(gid)}
-    if stat.S_IMODE(st.st_mode) != wanted:
-        changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": f"{wanted:04o}"}
     if not changes:
         ret["comment"] = f"{name} is accessible to group {gid}."
         return ret

@@ -41,9 +41,7 @@ checked and problems reported.
 import hashlib
 import logging
 import os
-import posixpath
 import pwd
-import stat
 
 import salt.utils.files
 from salt.exceptions import CommandExecutionError, SaltInvocationError
@@ -143,20 +141,12 @@ def _validate(files, cfg):
 def _diff(entry, content):
     """What writing ``content`` to ``entry['dest']`` would change, without content."""
     path = entry["dest"]
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+    changes = __salt__["nova_libvirt.metadata_changes"](path, int(entry["mode"], 8), uid=_uid(entry["owner"]))
+    if changes is None:
         return {"new": _describe(entry["file"], content)}
-    changes = {}
     current = _read_local(path)
     if current != content:
-        changes = {"old": _describe(entry["file"], current), "new": _describe(entry["file"], content)}
-    wanted_mode = int(entry["mode"], 8)
-    if stat.S_IMODE(st.st_mode) != wanted_mode:
-        changes["mode"] = {"old": f"{stat.S_IMODE(st.st_mode):04o}", "new": entry["mode"]}
-    uid = _uid(entry["owner"])
-    if st.st_uid != uid:
-        changes["owner"] = {"old": st.st_uid, "new": uid}
+        changes.update(old=_describe(entry["file"], current), new=_describe(entry["file"], content))
     return changes
 
 

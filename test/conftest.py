@@ -71,6 +71,21 @@ def kolla_image():
     return built.stdout.strip().splitlines()[-1]
 
 
+def remove_container(engine, name, volumes):
+    """Remove a test container and its volumes, whatever state the test left them in."""
+    import docker  # pylint: disable=import-outside-toplevel
+
+    try:
+        engine.remove_container(name, force=True)
+    except docker.errors.NotFound:
+        pass
+    for volume in volumes:
+        try:
+            engine.remove_volume(volume)
+        except docker.errors.NotFound:
+            pass
+
+
 def restore_kvm_device():
     """Undo the container's kvm fix-ups on this test host."""
     subprocess.run(["chgrp", "kvm", "/dev/kvm"], check=False)

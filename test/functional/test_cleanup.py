@@ -10,7 +10,7 @@ import subprocess
 import docker
 import pytest
 
-from conftest import PASSWORD, Fleet, Libvirtd, domain_xml, minion_states, restore_kvm_device
+from conftest import PASSWORD, Fleet, Libvirtd, domain_xml, remove_container, restore_kvm_device
 
 pytestmark = pytest.mark.container
 ENGINE_URL = "unix:///run/podman/podman.sock"
@@ -62,15 +62,7 @@ def fleet(salt_factories, state_tree, tmp_path_factory, kolla_image):
             assert ret.returncode == 0, ret.stdout
         yield fleet
     for key in ADDRESSES:
-        try:
-            engine.remove_container(f"nova_libvirt_{key}", force=True)
-        except docker.errors.NotFound:
-            pass
-        for volume in volumes(key):
-            try:
-                engine.remove_volume(volume)
-            except docker.errors.NotFound:
-                pass
+        remove_container(engine, f"nova_libvirt_{key}", volumes(key))
     restore_kvm_device()
 
 

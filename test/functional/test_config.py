@@ -9,7 +9,6 @@ import pathlib
 import stat
 import subprocess
 
-import pytest
 import salt.utils.yaml
 
 from conftest import PASSWORD, ROOT, changed, states, tree_snapshot

@@ -10,7 +10,7 @@ import subprocess
 import docker
 import pytest
 
-from conftest import PASSWORD, changed, domain_xml, restore_kvm_device, states, tree_snapshot
+from conftest import PASSWORD, changed, domain_xml, remove_container, restore_kvm_device, states, tree_snapshot
 
 PORT = 16630
 URI = f"qemu+tcp://127.0.0.1:{PORT}/system"
@@ -35,15 +35,7 @@ def image(kolla_image):
 def engine(image):
     client = docker.APIClient(base_url=ENGINE_URL)
     yield client
-    try:
-        client.remove_container("nova_libvirt", force=True)
-    except docker.errors.NotFound:
-        pass
-    for volume in VOLUMES:
-        try:
-            client.remove_volume(volume)
-        except docker.errors.NotFound:
-            pass
+    remove_container(client, "nova_libvirt", VOLUMES)
     restore_kvm_device()
 
 

@@ -1055,9 +1055,6 @@ def write_secret_file(path, text, owner="root", mode=0o600):
 # TLS reload
 # --------------------------------------------------------------------------
 
-ADMIN_SOCKET = "/run/libvirt/libvirt-admin-sock"
-
-
 def _served_certificate_sha256(address, port):
     """SHA-256 of the certificate libvirtd presents on its TLS port (not verified: only compared)."""
     context = ssl.create_default_context()
@@ -1073,11 +1070,33 @@ def _served_certificate_sha256(address, port):
 def _installed_server_certificate_sha256(cfg):
     for entry in cfg["tls_plan"]:
         if entry["daemon"] and entry["file"] == "servercert.pem":
-            with salt.utils.files.fopen(entry["dest"]) as handle:
-                pem = handle.read()
-            first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
-            return hashlib.sha256(ssl.PEM_cert_to_DER_cert(first)).hexdigest()
+            try:
+                with salt.utils.files.fopen(entry["dest"]) as handle:
+                    pem = handle.read()
+                first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+                return hashlib.sha256(ssl.PEM_cert_to_DER_cert(first)).hexdigest()
+            except (OSError, ValueError):
+                return None
     return None
+
+
+def tls_status():
+    """
+    Whether the libvirtd this formula runs presents, on its TLS port, the
+    server certificate installed for it: ``{"served", "installed",
+    "current"}`` (SHA-256 of each; ``served`` is None when nothing answers).
+    Works whoever put the files in place (``tls:manage_certs`` true or false).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call nova_libvirt.tls_status
+    """
+    cfg = _settings()
+    installed = _installed_server_certificate_sha256(cfg)
+    served = _served_certificate_sha256(cfg["listen_address"], cfg["port"]) if installed else None
+    return {"served": served, "installed": installed, "current": served is None or served == installed}
 
 
 def reload_tls():
@@ -1102,9 +1121,9 @@ def reload_tls():
         salt-call nova_libvirt.reload_tls
     """
     cfg = _settings()
-    if not os.path.exists(ADMIN_SOCKET):
-        return ""
     expected = _installed_server_certificate_sha256(cfg)
+    if _served_certificate_sha256(cfg["listen_address"], cfg["port"]) is None:
+        return ""
     container = cfg["container"]["name"] if cfg["container"]["enabled"] else None
     env = _engine_env() if container else None
     try:

@@ -265,24 +265,31 @@ def _check_in_place(ret, cfg, plan):
 
 def daemon_updated(name):
     """
-    Make the running libvirtd use the TLS files it was given, without a
-    restart (``virt-admin server-update-tls``, libvirt >= 6.2), so guests and
-    connections keep running. Meant for ``onchanges`` of :py:func:`managed`.
+    Make the running libvirtd present the server certificate installed for it,
+    without a restart (``nova_libvirt.reload_tls``: ``virt-admin
+    server-update-tls``), so guests and connections keep running. It compares
+    what the TLS port presents with the installed file on every run, so it
+    also catches certificates replaced outside the formula
+    (``tls:manage_certs: false``), which Kolla cannot.
 
     name
         A label for the state.
     """
     ret = {"name": name, "changes": {}, "result": True, "comment": ""}
-    if __opts__["test"]:
-        ret.update(result=None, comment="libvirtd would be told to reload its TLS files.")
-        return ret
     try:
+        status = __salt__["nova_libvirt.tls_status"]()
+        if status["served"] is None:
+            ret["comment"] = "No libvirtd answers on the TLS port: it reads the TLS files when it starts."
+            return ret
+        if status["current"]:
+            ret["comment"] = "libvirtd presents the installed server certificate."
+            return ret
+        changes = {"libvirtd": {"old": status["served"], "new": status["installed"]}}
+        if __opts__["test"]:
+            ret.update(result=None, changes=changes, comment="libvirtd would be told to reload its TLS files.")
+            return ret
         outcome = __salt__["nova_libvirt.reload_tls"]()
+        ret.update(changes={"libvirtd": outcome}, comment=outcome)
     except CommandExecutionError as exc:
-        ret.update(result=False, comment=str(exc))
-        return ret
-    if outcome:
-        ret["changes"] = {"libvirtd": outcome}
-    ret["comment"] = outcome or "libvirtd is not running: it reads the TLS files when it starts."
+        ret.update(result=False, changes={}, comment=str(exc))
     return ret
-

@@ -10,19 +10,18 @@ include:
 {%- elif config.host.manage_daemon %}
   - {{ tplroot }}.host
 {%- endif %}
-{%- if config.tls.enabled and config.tls.manage_certs %}
+{%- if config.tls.enabled %}
 
-# New certificates reach the running libvirtd without a restart.
+# The running libvirtd takes new certificates without a restart, whoever
+# installed them: what its TLS port presents is compared on every run.
 nova_libvirt-tls-daemon-updated:
   nova_libvirt_tls.daemon_updated:
     - name: libvirtd
-    - onchanges:
+    - require:
       - nova_libvirt_tls: nova_libvirt-tls-files-managed
 {%-   if config.container.enabled %}
-    - require:
       - sls: {{ tplroot }}.container
 {%-   elif config.host.manage_daemon %}
-    - require:
       - sls: {{ tplroot }}.host
 {%-   endif %}
 {%- endif %}

@@ -312,6 +312,19 @@ def test_externally_managed_certs_are_checked_not_written(applied, tls_libvirtd)
         ret = apply(env, "b")
         tls_state = minion_states(ret)["nova_libvirt-tls-files-managed"]
         assert tls_state["result"] is True and "files in place are valid" in tls_state["comment"]
+        assert minion_states(ret)["nova_libvirt-tls-daemon-updated"]["changes"] == {}
+
+        # Someone else renews the server certificate: the running daemon still takes it.
+        renewed = env.run.run("nova_libvirt.generate_certificates", "hosts=localhost,cmp-d.example.test",
+                              f"dest={env.tls_dir}")
+        assert renewed.returncode == 0
+        shutil.copy(env.tls_dir / "servercert.pem", env.base / "b" / "pki" / "libvirt" / "servercert.pem")
+        new_serial = x509.load_pem_x509_certificate((env.tls_dir / "servercert.pem").read_bytes()).serial_number
+        assert _served_certificate(PORT).serial_number != new_serial
+        ret = apply(env, "b")
+        updated = minion_states(ret)["nova_libvirt-tls-daemon-updated"]
+        assert updated["changes"]["libvirtd"].startswith("libvirtd reloaded its TLS files"), updated
+        assert _served_certificate(PORT).serial_number == new_serial
     finally:
         env.pillars["b"]["tls"]["manage_certs"] = True
     

@@ -196,3 +196,15 @@ def test_missing_target_is_reported(fleet):
     ret = fleet.run.run("state.orchestrate", "nova_libvirt.orch.cleanup")
     assert ret.returncode != 0
     assert "Say which compute hosts to clean up" in ret.stdout
+
+
+def test_offline_minion_is_reported_not_skipped(disabled):
+    fleet = disabled
+    fleet.minions["b"].terminate()
+    try:
+        ret, step = orchestrate(fleet, "cmp-*")
+        assert ret.returncode != 0
+        assert step["result"] is False
+        assert f"Run failed on minions: {fleet.ids['b']}" in step["comment"]
+    finally:
+        fleet.minions["b"].start()

@@ -941,8 +941,14 @@ def _sasldb_entries(sasldb, container=None):
         if not os.path.exists(sasldb):
             return {}
         return _parse_db_dump(_run(["db_dump", "-p", sasldb]))
-    # The database lives in the container's writable layer: read its bytes
-    # through the engine and dump them here, in a file only root can read.
+    # The database lives in the container's writable layer. On this host the
+    # container's root is /proc/<its pid>/root: read there, no exec needed.
+    pid = _container_pid(container)
+    if pid:
+        path = f"/proc/{pid}/root{sasldb}"
+        return _parse_db_dump(_run(["db_dump", "-p", path])) if os.path.exists(path) else {}
+    # Otherwise read its bytes through the engine and dump them here, in a
+    # file only root can read.
     probe = subprocess.run(_in_container(container, ["test", "-e", sasldb]), env=_engine_env(), check=False)
     if probe.returncode:
         return {}
@@ -1172,11 +1178,25 @@ def salt_client_timeout():
 
 
 def _docker_client(url, timeout=10):
+    key = f"nova_libvirt.docker_client.{url}.{timeout}"
+    if key not in __context__:
+        try:
+            import docker  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            raise CommandExecutionError("the docker Python package is not importable by Salt's Python") from None
+        __context__[key] = docker.APIClient(base_url=url, version="auto", timeout=timeout)
+    return __context__[key]
+
+
+def _container_pid(name):
+    """The host PID of the container's first process (0 when not running here, or unknown)."""
+    spec = _settings()["container"]
     try:
-        import docker  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        raise CommandExecutionError("the docker Python package is not importable by Salt's Python") from None
-    return docker.APIClient(base_url=url, version="auto", timeout=timeout)
+        state = _docker_client(spec["engine_url"]).inspect_container(name)["State"]
+    except Exception:  # pylint: disable=broad-except
+        return 0
+    pid = state.get("Pid") or 0
+    return pid if state.get("Running") and os.path.exists(f"/proc/{pid}/root") else 0
 
 
 def container_precheck(deploy=True):

@@ -540,7 +540,7 @@ def _default_interface():
     return routes[0]["interface"] if routes else None
 
 
-def _host_facts():
+def _host_facts(need_default_route=True):
     interfaces = {}
     for family in ("ip4_interfaces", "ip6_interfaces"):
         for iface, addresses in (__grains__.get(family) or {}).items():
@@ -549,7 +549,7 @@ def _host_facts():
         "nodename": __grains__.get("nodename") or platform.node(),
         "osarch": __grains__.get("osarch") or platform.machine(),
         "interfaces": interfaces,
-        "default_interface": _default_interface(),
+        "default_interface": _default_interface() if need_default_route else None,
         "kvm": probe_kvm(),
     }
 
@@ -572,7 +572,8 @@ def _settings():
     if key not in __context__:
         merged, errors = _merge_and_validate(_defaults(), pillar)
         if not errors:
-            merged, errors = _derive(merged, _host_facts())
+            need_route = merged["listen_address"] is None and merged["migration_interface"] is None
+            merged, errors = _derive(merged, _host_facts(need_route))
         if errors:
             raise SaltInvocationError("nova_libvirt pillar is not valid:\n  " + "\n  ".join(errors))
         __context__[key] = merged
@@ -1177,14 +1178,28 @@ def salt_client_timeout():
         return 60
 
 
-def _docker_client(url, timeout=10):
-    key = f"nova_libvirt.docker_client.{url}.{timeout}"
+def _docker_client(url):
+    """
+    One Engine API client per URL and run, shared with saltext-dockermod.
+    It answers ``version()`` from the first answer: Podman takes about half a
+    second for each, and the client, dockermod and the precheck all ask.
+    """
+    key = f"nova_libvirt.docker_client.{url}"
     if key not in __context__:
         try:
             import docker  # pylint: disable=import-outside-toplevel
         except ImportError:
             raise CommandExecutionError("the docker Python package is not importable by Salt's Python") from None
-        __context__[key] = docker.APIClient(base_url=url, version="auto", timeout=timeout)
+
+        class Client(docker.APIClient):
+            _version_answer = None
+
+            def version(self, api_version=True):
+                if self._version_answer is None:
+                    self._version_answer = super().version(api_version)
+                return self._version_answer
+
+        __context__[key] = Client(base_url=url, version="auto", timeout=salt_client_timeout())
     return __context__[key]
 
 
@@ -1222,6 +1237,7 @@ def container_precheck(deploy=True):
     url = spec["engine_url"]
     try:
         client = _docker_client(url)
+        client.ping()
         version = client.version()
     except Exception as exc:  # pylint: disable=broad-except
         start = (
@@ -1243,7 +1259,7 @@ def container_precheck(deploy=True):
     # saltext-dockermod keeps its client in the run's shared __context__ and
     # makes one from docker.url only when none is there: handing it this one
     # keeps a single setting, nova_libvirt:container:engine_url, for both.
-    __context__["docker.client"] = _docker_client(url, timeout=salt_client_timeout())
+    __context__["docker.client"] = client
     host_socket = os.path.join(spec["run_dir"], "libvirt", "libvirt-sock")
     existing = client.containers(all=True, filters={"name": f"^{spec['name']}$"})
     if deploy and not existing and _socket_answers(host_socket):

@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`.
-.PHONY: setup demo test unit
+.PHONY: setup demo test unit bench
 
 setup:
 	scripts/setup.sh
@@ -12,3 +12,6 @@ test: setup
 
 unit: setup
 	.venv/bin/python -m pytest test/unit
+
+bench: setup
+	.venv/bin/python bench/run.py

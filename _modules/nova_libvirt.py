@@ -173,6 +173,11 @@ RULES = {
     ),
     "container:qemu_gid": POSITIVE_INT,
     "container:run_dir": ABS_PATH,
+    "container:ulimits": _expect(
+        lambda v: isinstance(v, dict)
+        and all(SAFE_NAME.match(k) and re.match(r"^\d+(:\d+)?$", str(x)) for k, x in v.items()),
+        'a mapping of limit names to "soft:hard" numbers',
+    ),
     "container:ready_timeout": POSITIVE_INT,
     "host:manage_daemon": BOOL,
     "host:libvirtd_conf": ABS_PATH,
@@ -502,6 +507,7 @@ def _container_spec(cfg, nodename):
             "HOSTNAME": nodename,
         },
         "kvm_udev_rule": f'KERNEL=="kvm", GROUP="{spec["qemu_gid"]}", MODE="0660"',
+        "ulimit_list": [f"{name}={limits}" for name, limits in spec["ulimits"].items()],
     }
 
 

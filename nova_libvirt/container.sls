@@ -59,6 +59,9 @@ nova_libvirt-container-running:
     - binds: {{ ctr.binds | json }}
     - environment: {{ ctr.environment | json }}
     - restart_policy: unless-stopped
+{%- if ctr.ulimit_list %}
+    - ulimits: {{ ctr.ulimit_list | json }}
+{%- endif %}
     - require:
       - docker_image: nova_libvirt-container-image-present
       - file: nova_libvirt-container-lib-modules-file-directory

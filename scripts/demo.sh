@@ -39,6 +39,7 @@ nova_libvirt:
   container:
     enabled: $3
     engine: podman
+    ulimits: {}   # Kolla's 64 MiB memlock is above this machine's hard limit
     image: $1
     tag: $2
   cleanup: {running_vms_fatal: false, remove_volumes: true}

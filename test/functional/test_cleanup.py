@@ -46,6 +46,7 @@ def pillar(base, key, image):
             "name": f"nova_libvirt_{key}",
             "volumes": volumes(key),
             "run_dir": str(base / key / "run"),
+            "ulimits": {},
         },
     }
 

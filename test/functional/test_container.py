@@ -53,7 +53,16 @@ def container_pillar(base, image, **overrides):
         "sasl": {"password": PASSWORD},
         # This machine refuses to raise hard rlimits: Kolla's 32768/131072 cannot be set here.
         "qemu": {"max_files": 16000, "max_processes": 16000},
-        "container": {"engine": "podman", "engine_url": ENGINE_URL, "image": name, "tag": tag, "volumes": VOLUMES},
+        "container": {
+            "engine": "podman",
+            "engine_url": ENGINE_URL,
+            "image": name,
+            "tag": tag,
+            "volumes": VOLUMES,
+            # Kolla's 64 MiB memlock is above this machine's hard limit (8 MiB); given limits
+            # replace Podman's defaults, and this machine refuses higher nofile/nproc too.
+            "ulimits": {"memlock": "8388608:8388608", "nofile": "16384:16384", "nproc": "16384:16384"},
+        },
     }
     for key, value in overrides.items():
         pillar[key] = {**pillar.get(key, {}), **value} if isinstance(value, dict) else value
@@ -90,6 +99,8 @@ def test_container_runs_with_kollas_settings(deployed, engine, base):
     for volume, destination in VOLUMES.items():
         assert mounts[destination]["Name"] == volume
     assert "KOLLA_CONFIG_STRATEGY=COPY_ALWAYS" in data["Config"]["Env"]
+    assert {"Name": "RLIMIT_MEMLOCK", "Soft": 8388608, "Hard": 8388608} in host["Ulimits"] or {
+        "Name": "memlock", "Soft": 8388608, "Hard": 8388608} in host["Ulimits"], host["Ulimits"]
     assert states(deployed)["nova_libvirt-container-sasl-user-present"]["changes"]["user"]["new"] == "kolla"
     assert os.stat("/dev/kvm").st_gid == 42427
 

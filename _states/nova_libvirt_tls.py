@@ -50,7 +50,6 @@ log = logging.getLogger(__name__)
 
 __virtualname__ = "nova_libvirt_tls"
 
-TLS_FILES = ("cacert.pem", "servercert.pem", "serverkey.pem", "clientcert.pem", "clientkey.pem")
 
 
 def __virtual__():
@@ -181,7 +180,7 @@ def managed(name):
             ret["comment"] = "TLS is disabled (nova_libvirt:tls:enabled: false)."
             return ret
         plan = cfg["tls_plan"]
-        names = [name for name in TLS_FILES if any(entry["file"] == name for entry in plan)]
+        names = list(dict.fromkeys(entry["file"] for entry in plan))
         if not cfg["tls"]["manage_certs"]:
             return _check_in_place(ret, cfg, plan)
 

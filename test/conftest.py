@@ -188,6 +188,13 @@ def minion_states(ret):
     return {key.split("_|-")[1]: value for key, value in ret.data.items()}
 
 
+def with_overrides(pillar, overrides):
+    """``pillar`` with ``overrides`` merged one level deep (a section's other keys are kept)."""
+    for key, value in overrides.items():
+        pillar[key] = {**pillar.get(key, {}), **value} if isinstance(value, dict) else value
+    return pillar
+
+
 def states(ret):
     """State results of a state.apply, keyed by state ID."""
     assert isinstance(ret.data, dict), f"no state data: {ret.stdout}\n{ret.stderr}"

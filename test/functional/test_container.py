@@ -10,7 +10,16 @@ import subprocess
 import docker
 import pytest
 
-from conftest import PASSWORD, changed, domain_xml, remove_container, restore_kvm_device, states, tree_snapshot
+from conftest import (
+    PASSWORD,
+    changed,
+    domain_xml,
+    remove_container,
+    restore_kvm_device,
+    states,
+    tree_snapshot,
+    with_overrides,
+)
 
 PORT = 16630
 URI = f"qemu+tcp://127.0.0.1:{PORT}/system"
@@ -64,9 +73,7 @@ def container_pillar(base, image, **overrides):
             "ulimits": {"memlock": "8388608:8388608", "nofile": "16384:16384", "nproc": "16384:16384"},
         },
     }
-    for key, value in overrides.items():
-        pillar[key] = {**pillar.get(key, {}), **value} if isinstance(value, dict) else value
-    return pillar
+    return with_overrides(pillar, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import PASSWORD, Libvirtd, changed, domain_xml, states, tree_snapshot
+from conftest import PASSWORD, Libvirtd, changed, domain_xml, states, tree_snapshot, with_overrides
 
 PORT = 16599
 URI = f"qemu+tcp://127.0.0.1:{PORT}/system"
@@ -31,9 +31,7 @@ def host_pillar(base, **overrides):
         "sasl": {"password": PASSWORD, "sasldb_path": str(base / "sasl" / "passwd.db")},
         "libvirtd": {"log_dir": str(base / "log")},
     }
-    for key, value in overrides.items():
-        pillar[key] = {**pillar[key], **value} if isinstance(value, dict) and key in pillar else value
-    return pillar
+    return with_overrides(pillar, overrides)
 
 
 @pytest.fixture(scope="module")

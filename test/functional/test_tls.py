@@ -65,10 +65,6 @@ def tls_env(salt_factories, state_tree, tmp_path_factory):
         yield fleet
 
 
-def apply(env, key, sls="nova_libvirt", test=False):
-    return env.apply(key, sls, test=test)
-
-
 @pytest.fixture(scope="module")
 def certificates(tls_env):
     env = tls_env
@@ -87,8 +83,8 @@ def certificates(tls_env):
 @pytest.fixture(scope="module")
 def applied(certificates):
     env = certificates
-    ret_a = apply(env, "a", "nova_libvirt.config")
-    ret_b = apply(env, "b")
+    ret_a = env.apply("a", "nova_libvirt.config")
+    ret_b = env.apply("b")
     assert ret_a.returncode == 0, ret_a.stdout
     assert ret_b.returncode == 0, ret_b.stdout
     return env, ret_a, ret_b
@@ -224,7 +220,7 @@ def test_second_apply_changes_nothing_and_transfers_nothing(applied, tls_libvirt
     env = applied[0]
     for key, sls in (("a", "nova_libvirt.config"), ("b", "nova_libvirt")):
         before = tree_snapshot(env.base / key)
-        ret = apply(env, key, sls)
+        ret = env.apply(key, sls)
         assert ret.returncode == 0
         assert {k: v for k, v in minion_states(ret).items() if v["changes"]} == {}
         after = tree_snapshot(env.base / key)
@@ -243,12 +239,12 @@ def test_certificate_change_is_taken_without_stopping_the_guest(applied, tls_lib
     new_cert = x509.load_pem_x509_certificate((env.tls_dir / "servercert.pem").read_bytes())
     assert new_cert.serial_number != old_serial
 
-    preview = apply(env, "b", test=True)
+    preview = env.apply("b", test=True)
     tls_state = minion_states(preview)["nova_libvirt-tls-files-managed"]
     assert tls_state["result"] is None and tls_state["changes"]
     assert _served_certificate(PORT).serial_number == old_serial  # test=True changed nothing
 
-    ret = apply(env, "b")
+    ret = env.apply("b")
     result = minion_states(ret)
     assert result["nova_libvirt-tls-daemon-updated"]["changes"]["libvirtd"].startswith("libvirtd reloaded")
     assert "nova-compute" in result["nova_libvirt-tls-files-managed"]["changes"]
@@ -283,7 +279,7 @@ def test_invalid_material_fails_and_writes_nothing(applied, tls_libvirtd, tmp_pa
     try:
         expected = _bad_material(env, case)
         before = tree_snapshot(env.base / "b")
-        ret = apply(env, "b")
+        ret = env.apply("b")
         assert ret.returncode != 0
         tls_state = minion_states(ret)["nova_libvirt-tls-files-managed"]
         assert tls_state["result"] is False
@@ -302,14 +298,14 @@ def test_externally_managed_certs_are_checked_not_written(applied, tls_libvirtd)
         client_key = env.base / "b" / "kolla" / "nova-compute" / "clientkey.pem"
         saved = client_key.read_bytes()
         client_key.unlink()
-        ret = apply(env, "b")
+        ret = env.apply("b")
         tls_state = minion_states(ret)["nova_libvirt-tls-files-managed"]
         assert tls_state["result"] is False
         assert f"clientkey.pem: missing at {client_key}" in tls_state["comment"]
         assert not client_key.exists()
         client_key.write_bytes(saved)
         os.chmod(client_key, 0o600)
-        ret = apply(env, "b")
+        ret = env.apply("b")
         tls_state = minion_states(ret)["nova_libvirt-tls-files-managed"]
         assert tls_state["result"] is True and "files in place are valid" in tls_state["comment"]
         assert minion_states(ret)["nova_libvirt-tls-daemon-updated"]["changes"] == {}
@@ -321,7 +317,7 @@ def test_externally_managed_certs_are_checked_not_written(applied, tls_libvirtd)
         shutil.copy(env.tls_dir / "servercert.pem", env.base / "b" / "pki" / "libvirt" / "servercert.pem")
         new_serial = x509.load_pem_x509_certificate((env.tls_dir / "servercert.pem").read_bytes()).serial_number
         assert _served_certificate(PORT).serial_number != new_serial
-        ret = apply(env, "b")
+        ret = env.apply("b")
         updated = minion_states(ret)["nova_libvirt-tls-daemon-updated"]
         assert updated["changes"]["libvirtd"].startswith("libvirtd reloaded its TLS files"), updated
         assert _served_certificate(PORT).serial_number == new_serial
